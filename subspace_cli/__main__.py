@@ -1,0 +1,3 @@
+from subspace_cli.cli import run
+
+run()

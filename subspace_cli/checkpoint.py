@@ -1,0 +1,321 @@
+"""Checkpoints: safetensors with string metadata (primary), and plain ``.pt`` state_dicts.
+
+A checkpoint is data, never code. safetensors files are read with ``safe_open``; ``.pt``/``.pth``
+files only through ``torch.load(..., weights_only=True)``, which refuses arbitrary pickled objects.
+
+Metadata keys (all strings) of a checkpoint written by this tool:
+
+========================  ==================================================
+``subspace.model``        model plugin name (entry point in ``subspace.models``)
+``subspace.model_config`` JSON object of keyword arguments for the model factory
+``subspace.data``         data plugin name (entry point in ``subspace.data``)
+``subspace.data_config``  JSON object of keyword arguments for the data factory
+``subspace.loss``         ``mse`` or ``ce``
+``subspace.step``         training step (integer)
+``subspace.format_version``  checkpoint format version (this module's FORMAT_VERSION)
+========================  ==================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from subspace_cli.errors import CheckpointError, UsageError
+from subspace_cli.losses import check_loss
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT_VERSION = "1"
+PREFIX = "subspace."
+KEY_MODEL = "subspace.model"
+KEY_MODEL_CONFIG = "subspace.model_config"
+KEY_DATA = "subspace.data"
+KEY_DATA_CONFIG = "subspace.data_config"
+KEY_LOSS = "subspace.loss"
+KEY_STEP = "subspace.step"
+KEY_FORMAT = "subspace.format_version"
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pt", ".pth")
+
+
+@dataclass
+class Checkpoint:
+    """Tensors and string metadata read from one file."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def n_elements(self) -> int:
+        return sum(int(t.numel()) for t in self.tensors.values())
+
+    def sha256(self) -> str:
+        return tensor_sha256(self.tensors)
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read a checkpoint without building any model."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such file")
+    suffix = p.suffix.lower()
+    if suffix in TORCH_SUFFIXES:
+        return Checkpoint(p, _read_torch_state_dict(p), {})
+    if suffix not in SAFETENSORS_SUFFIXES:
+        raise CheckpointError(
+            f"{p}: unsupported checkpoint type {suffix or '(no suffix)'!r}; use .safetensors, .pt or .pth"
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for malformed headers
+        raise CheckpointError(f"{p}: not a readable safetensors file ({exc})") from exc
+    _check_format_version(p, metadata)
+    return Checkpoint(p, tensors, metadata)
+
+
+def _read_torch_state_dict(p: Path) -> dict[str, torch.Tensor]:
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"{p}: refused to unpickle: the file holds Python objects besides tensors, and "
+            f"subspace loads .pt files only with weights_only=True ({first})"
+        ) from exc
+    except Exception as exc:
+        raise CheckpointError(
+            f"{p}: not a readable torch file ({type(exc).__name__}: {exc})"
+        ) from exc
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise CheckpointError(f"{p}: expected a state_dict (a mapping of names to tensors)")
+    return dict(obj)
+
+
+def _check_format_version(p: Path, metadata: dict[str, str]) -> None:
+    version = metadata.get(KEY_FORMAT)
+    if version is None:
+        return
+    try:
+        major = int(version.split(".")[0])
+    except ValueError as exc:
+        raise CheckpointError(f"{p}: malformed {KEY_FORMAT} {version!r}") from exc
+    if major > int(FORMAT_VERSION):
+        raise CheckpointError(
+            f"{p}: checkpoint format {version} is newer than this subspace understands "
+            f"({FORMAT_VERSION}); upgrade subspace"
+        )
+
+
+def tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over tensor names, dtypes, shapes and bytes, in name order.
+
+    Independent of the file's layout and metadata, so the same weights hash the same whether
+    they come from safetensors or a ``.pt`` file.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(b"\0" + str(t.dtype).encode() + b"\0" + repr(tuple(t.shape)).encode() + b"\0")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_checkpoint(
+    path: str | os.PathLike[str],
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a safetensors checkpoint atomically (temporary file in the same folder, then rename)."""
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    if p.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        raise UsageError(f"{p}: checkpoints are written as .safetensors")
+    if p.exists() and not overwrite:
+        raise UsageError(f"{p} exists; pass --overwrite to replace it")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    payload = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    tmp = temporary_sibling(p)
+    try:
+        save_file(payload, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        publish(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return p
+
+
+def temporary_sibling(path: Path) -> str:
+    """A new empty file beside ``path``, to write and then :func:`publish`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
+def publish(tmp: str, path: Path) -> None:
+    """Give a finished temporary file ordinary permissions and rename it over ``path``."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
+@dataclass
+class SpecOverrides:
+    """Values given on the command line; ``None`` means "take it from the checkpoint"."""
+
+    model: str | None = None
+    model_config: dict[str, Any] | None = None
+    data: str | None = None
+    data_config: dict[str, Any] | None = None
+    loss: str | None = None
+
+
+@dataclass
+class ExperimentSpec:
+    """Which model, data and loss a checkpoint belongs to, and who named the plugins."""
+
+    model: str
+    model_config: dict[str, Any]
+    data: str
+    data_config: dict[str, Any]
+    loss: str
+    step: int | None = None
+    model_from_user: bool = False
+    data_from_user: bool = False
+
+    def to_metadata(self, step: int | None = None) -> dict[str, str]:
+        step = self.step if step is None else step
+        meta = {
+            KEY_MODEL: self.model,
+            KEY_MODEL_CONFIG: json.dumps(self.model_config, sort_keys=True),
+            KEY_DATA: self.data,
+            KEY_DATA_CONFIG: json.dumps(self.data_config, sort_keys=True),
+            KEY_LOSS: self.loss,
+            KEY_FORMAT: FORMAT_VERSION,
+        }
+        if step is not None:
+            meta[KEY_STEP] = str(step)
+        return meta
+
+
+def parse_json_object(text: str, what: str) -> dict[str, Any]:
+    """Parse a JSON object given for ``what`` (an option or metadata key)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{what} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise UsageError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def resolve_spec(ckpt: Checkpoint, overrides: SpecOverrides) -> ExperimentSpec:
+    """Combine a checkpoint's metadata with command-line overrides.
+
+    A plugin given on the command line replaces the checkpoint's, and then so does its config
+    (configs belong to plugins). A config given for the checkpoint's own plugin is merged over
+    the stored config key by key.
+    """
+    meta = ckpt.metadata
+
+    def pick(
+        kind: str,
+        key: str,
+        key_config: str,
+        override: str | None,
+        override_config: dict[str, Any] | None,
+    ) -> tuple[str, dict[str, Any], bool]:
+        stored = meta.get(key)
+        if override is not None and override != stored:
+            return override, dict(override_config or {}), True
+        if stored is None:
+            raise CheckpointError(
+                f"{ckpt.path}: no {key} in the checkpoint's metadata; pass --{kind} NAME"
+            )
+        try:
+            config = parse_json_object(meta.get(key_config, "{}"), f"{ckpt.path}: {key_config}")
+        except UsageError as exc:
+            raise CheckpointError(str(exc)) from exc
+        config.update(override_config or {})
+        return stored, config, override is not None
+
+    model, model_config, model_user = pick(
+        "model", KEY_MODEL, KEY_MODEL_CONFIG, overrides.model, overrides.model_config
+    )
+    data, data_config, data_user = pick(
+        "data", KEY_DATA, KEY_DATA_CONFIG, overrides.data, overrides.data_config
+    )
+    loss = overrides.loss or meta.get(KEY_LOSS)
+    if loss is None:
+        raise CheckpointError(
+            f"{ckpt.path}: no {KEY_LOSS} in the checkpoint's metadata; pass --loss"
+        )
+    try:
+        check_loss(loss)
+    except UsageError as exc:
+        raise CheckpointError(f"{ckpt.path}: {exc}") from exc
+    step_text = meta.get(KEY_STEP)
+    try:
+        step = int(step_text) if step_text is not None else None
+    except ValueError as exc:
+        raise CheckpointError(f"{ckpt.path}: malformed {KEY_STEP} {step_text!r}") from exc
+    return ExperimentSpec(model, model_config, data, data_config, loss, step, model_user, data_user)
+
+
+def _name_list(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_state_strict(model: torch.nn.Module, ckpt: Checkpoint) -> None:
+    """Load ``ckpt``'s tensors into ``model``, naming every missing, unexpected or misshapen tensor."""
+    expected = model.state_dict()
+    given = ckpt.tensors
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    mismatched = [
+        f"{name} (checkpoint {tuple(given[name].shape)}, model {tuple(expected[name].shape)})"
+        for name in sorted(set(expected) & set(given))
+        if tuple(given[name].shape) != tuple(expected[name].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {_name_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_name_list(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch {_name_list(mismatched)}")
+    if problems:
+        raise CheckpointError(
+            f"{ckpt.path}: tensors do not match the model: " + "; ".join(problems)
+        )
+    model.load_state_dict(given, strict=True)

@@ -1,0 +1,113 @@
+"""The ``subspace`` command group.
+
+Subcommands are loaded lazily (Click's "lazily loading subcommands" pattern) so that
+``subspace --help`` and every ``subspace CMD --help`` start without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from subspace_cli import __version__
+from subspace_cli.errors import EXIT_INTERRUPTED, SubspaceError
+
+# name -> "module:attribute"; a command appears here only once it does real work.
+COMMANDS: dict[str, str] = {
+    "init": "subspace_cli.commands.init:init_command",
+    "inspect": "subspace_cli.commands.inspect:inspect_command",
+    "plugins": "subspace_cli.commands.plugins:plugins_command",
+}
+
+EXIT_INTERNAL = 3
+
+MAIN_HELP = """Analyse PyTorch checkpoints through the Hessian of the training loss.
+
+\b
+Results go to stdout (tables, or JSON with --json); progress and messages
+go to stderr.
+
+\b
+Exit codes:
+  0  success
+  1  some of several inputs failed (each failure is reported on stderr)
+  2  bad usage or bad input
+  3  internal error (a bug: rerun with --traceback and report it)
+  130  interrupted
+"""
+
+MAIN_EXAMPLES = """\b
+Examples:
+  subspace inspect sample_checkpoints/mlp_mnist1d.safetensors
+  subspace init --model mlp --data mnist1d -o start.safetensors
+  subspace plugins --json
+"""
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, _, attr = target.partition(":")
+        command: click.Command = getattr(importlib.import_module(module_name), attr)
+        return command
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SubspaceError as exc:
+            if wants_traceback(ctx):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            if wants_traceback(ctx):
+                raise
+            click.echo("interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:
+            if wants_traceback(ctx):
+                raise
+            click.echo(
+                f"internal error: {type(exc).__name__}: {exc} (rerun with --traceback and report it)",
+                err=True,
+            )
+            ctx.exit(EXIT_INTERNAL)
+
+
+def wants_traceback(ctx: click.Context) -> bool:
+    root = ctx.find_root()
+    return bool((root.obj or {}).get("traceback"))
+
+
+@click.group(
+    cls=LazyGroup,
+    help=MAIN_HELP,
+    epilog=MAIN_EXAMPLES,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.version_option(__version__, prog_name="subspace")
+@click.option("--traceback", is_flag=True, help="Show the full traceback of an error.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or informational messages.")
+@click.pass_context
+def main(ctx: click.Context, traceback: bool, quiet: bool) -> None:
+    ctx.ensure_object(dict)
+    ctx.obj["traceback"] = traceback
+    ctx.obj["quiet"] = quiet
+
+
+def run() -> None:
+    main(prog_name="subspace")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run())

@@ -1,0 +1,1 @@
+"""The command layer: parse options, call the library, render results, map errors."""

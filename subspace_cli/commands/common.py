@@ -1,0 +1,162 @@
+"""Option bundles and the per-input loop shared by every command."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import click
+
+from subspace_cli.errors import EXIT_SOME_FAILED, EXIT_USAGE, SubspaceError, UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _set_root_flag(name: str) -> Callable[[click.Context, click.Parameter, bool], bool]:
+    def callback(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+        root = ctx.find_root()
+        root.ensure_object(dict)
+        if value:
+            root.obj[name] = True
+        return value
+
+    return callback
+
+
+def output_options(f: F) -> F:
+    """``--json``, ``-q/--quiet`` and ``--traceback``, accepted after any subcommand too."""
+    f = click.option("--json", "as_json", is_flag=True, help="Print results as JSON on stdout.")(f)
+    f = click.option(
+        "-q",
+        "--quiet",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_set_root_flag("quiet"),
+        help="No progress bars or informational messages.",
+    )(f)
+    f = click.option(
+        "--traceback",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_set_root_flag("traceback"),
+        help="Show the full traceback of an error.",
+    )(f)
+    return f
+
+
+def plugin_options(f: F) -> F:
+    """Flags that supply or override a checkpoint's model, data and loss metadata."""
+    options = [
+        click.option(
+            "--model",
+            metavar="NAME|module:attr",
+            help="Model plugin (overrides the checkpoint's subspace.model).",
+        ),
+        click.option(
+            "--model-config",
+            metavar="JSON",
+            help="Model factory arguments as a JSON object (merged over the checkpoint's).",
+        ),
+        click.option(
+            "--data",
+            metavar="NAME|module:attr",
+            help="Data plugin (overrides the checkpoint's subspace.data).",
+        ),
+        click.option(
+            "--data-config",
+            metavar="JSON",
+            help="Data factory arguments as a JSON object (merged over the checkpoint's).",
+        ),
+        click.option(
+            "--loss",
+            type=click.Choice(["mse", "ce"]),
+            help="Loss: mse = mean over samples of 0.5*||f(x)-onehot(y)||^2; ce = mean cross-entropy.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def overrides_from(
+    model: str | None,
+    model_config: str | None,
+    data: str | None,
+    data_config: str | None,
+    loss: str | None,
+) -> Any:
+    from subspace_cli.checkpoint import SpecOverrides, parse_json_object
+
+    return SpecOverrides(
+        model=model,
+        model_config=parse_json_object(model_config, "--model-config") if model_config else None,
+        data=data,
+        data_config=parse_json_object(data_config, "--data-config") if data_config else None,
+        loss=loss,
+    )
+
+
+def is_quiet(ctx: click.Context) -> bool:
+    return bool((ctx.find_root().obj or {}).get("quiet"))
+
+
+def wants_traceback(ctx: click.Context) -> bool:
+    return bool((ctx.find_root().obj or {}).get("traceback"))
+
+
+def for_each_input(
+    ctx: click.Context,
+    args: Sequence[str],
+    handle: Callable[[Any], None],
+    *,
+    noun: str = "checkpoint",
+) -> Outcome:
+    """Call ``handle(path)`` for every input expanded from ``args``; a bad one does not stop the rest.
+
+    Each failure is one line on stderr. Render the collected results, then call
+    :meth:`Outcome.exit` for the exit code.
+    """
+    from subspace_cli.inputs import expand_inputs
+
+    inputs = expand_inputs(args)
+    if not inputs:
+        raise UsageError(f"no {noun} given")
+    failures = 0
+    for item in inputs:
+        try:
+            if item.error is not None:
+                raise UsageError(item.error)
+            handle(item.path)
+        except SubspaceError as exc:
+            if wants_traceback(ctx):
+                raise
+            failures += 1
+            message = str(exc)
+            if item.path is not None and not message.startswith(str(item.path)):
+                message = f"{item.path}: {message}"
+            click.echo(f"error: {message}", err=True)
+    return Outcome(len(inputs), failures, noun)
+
+
+class Outcome:
+    """How many inputs a command processed and how many failed."""
+
+    def __init__(self, total: int, failures: int, noun: str) -> None:
+        self.total, self.failures, self.noun = total, failures, noun
+
+    def exit(self, ctx: click.Context) -> None:
+        """Exit 0 when all succeeded, 2 when the only input failed, 1 when some of several did."""
+        if not self.failures:
+            return
+        if self.total == 1:
+            ctx.exit(EXIT_USAGE)
+        click.echo(f"{self.failures} of {self.total} {self.noun}s failed", err=True)
+        ctx.exit(EXIT_SOME_FAILED)
+
+
+def examples(text: str) -> str:
+    """An "Examples" epilog, shown at the end of a command's help with its lines kept."""
+    lines = "\n".join(line.rstrip() for line in text.strip("\n").splitlines())
+    return f"\b\nExamples:\n{lines}"

@@ -1,0 +1,135 @@
+"""From a checkpoint to a ready model, its training data and its loss."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from subspace_cli.checkpoint import (
+    Checkpoint,
+    ExperimentSpec,
+    SpecOverrides,
+    load_state_strict,
+    read_checkpoint,
+    resolve_spec,
+)
+from subspace_cli.data import TrainingData
+from subspace_cli.errors import PluginError
+from subspace_cli.plugins import resolve_factory
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import torch
+
+
+@dataclass
+class Experiment:
+    """A checkpoint with its model (weights loaded), training data and loss."""
+
+    checkpoint: Checkpoint
+    spec: ExperimentSpec
+    model: torch.nn.Module
+    data: TrainingData | None
+
+    @property
+    def loss(self) -> str:
+        return self.spec.loss
+
+
+def _call_factory(kind: str, name: str, factory: Any, config: dict[str, Any]) -> Any:
+    try:
+        return factory(**config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise PluginError(
+            f'{kind} plugin "{name}" rejected config {json.dumps(config, sort_keys=True)}: {exc}'
+        ) from exc
+    except ImportError as exc:
+        raise PluginError(f'{kind} plugin "{name}": {exc}') from exc
+
+
+class DataCache:
+    """Training sets built once per (plugin, config), shared by many checkpoints of a run."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str], TrainingData] = {}
+
+    def get(self, spec: ExperimentSpec) -> TrainingData:
+        key = (spec.data, json.dumps(spec.data_config, sort_keys=True))
+        if key not in self._cache:
+            self._cache[key] = build_data(
+                spec.data, spec.data_config, from_user=spec.data_from_user
+            )
+        return self._cache[key]
+
+
+def build_data(name: str, config: dict[str, Any], *, from_user: bool) -> TrainingData:
+    factory = resolve_factory("data", name, from_user=from_user)
+    data = _call_factory("data", name, factory, config)
+    if not isinstance(data, TrainingData):
+        raise PluginError(
+            f'data plugin "{name}" returned {type(data).__name__}, expected subspace_cli.data.TrainingData'
+        )
+    return data
+
+
+def build_model(name: str, config: dict[str, Any], *, from_user: bool) -> torch.nn.Module:
+    import torch
+
+    factory = resolve_factory("model", name, from_user=from_user)
+    model = _call_factory("model", name, factory, config)
+    if not isinstance(model, torch.nn.Module):
+        raise PluginError(
+            f'model plugin "{name}" returned {type(model).__name__}, expected torch.nn.Module'
+        )
+    return model
+
+
+def complete_model_config(
+    name: str, config: dict[str, Any], data: TrainingData, *, from_user: bool
+) -> dict[str, Any]:
+    """Fill the model config's data-dependent keys that the user left out.
+
+    Only keys the factory accepts by name are filled: ``num_classes``, ``input_dim`` (features
+    per sample), ``input_shape`` (shape of one sample) and ``seq_len`` (first sample dimension).
+    """
+    import torch
+
+    factory = resolve_factory("model", name, from_user=from_user)
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return dict(config)
+    x0, _ = data.take(torch.arange(1))
+    shape = list(x0.shape[1:])
+    derived: dict[str, Any] = {
+        "num_classes": int(data.num_classes),
+        "input_dim": int(x0[0].numel()),
+        "input_shape": shape,
+        "seq_len": int(shape[0]) if shape else 1,
+    }
+    out = dict(config)
+    for key, value in derived.items():
+        if key in params and key not in out:
+            out[key] = value
+    return out
+
+
+def load_experiment(
+    path: str | Path,
+    overrides: SpecOverrides,
+    *,
+    data_cache: DataCache | None = None,
+    need_data: bool = True,
+) -> Experiment:
+    """Read a checkpoint, resolve its plugins, build the model and load its weights strictly."""
+    ckpt = read_checkpoint(path)
+    spec = resolve_spec(ckpt, overrides)
+    model = build_model(spec.model, spec.model_config, from_user=spec.model_from_user)
+    load_state_strict(model, ckpt)
+    data = None
+    if need_data:
+        data = (data_cache or DataCache()).get(spec)
+    return Experiment(ckpt, spec, model, data)
