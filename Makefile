@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml plugins/pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/subspace inspect $(SAMPLE) --no-tensors
+	$(BIN)/subspace spectrum $(SAMPLE)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "init": "subspace_cli.commands.init:init_command",
     "inspect": "subspace_cli.commands.inspect:inspect_command",
     "plugins": "subspace_cli.commands.plugins:plugins_command",
+    "spectrum": "subspace_cli.commands.spectrum:spectrum_command",
 }
 
 EXIT_INTERNAL = 3
@@ -41,6 +42,7 @@ Exit codes:
 
 MAIN_EXAMPLES = """\b
 Examples:
+  subspace spectrum sample_checkpoints/mlp_mnist1d.safetensors -o spectra.h5
   subspace inspect sample_checkpoints/mlp_mnist1d.safetensors
   subspace init --model mlp --data mnist1d -o start.safetensors
   subspace plugins --json

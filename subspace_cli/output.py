@@ -71,6 +71,7 @@ def progress_bar(description: str, total: float | None, *, enabled: bool) -> Ite
         Progress,
         TextColumn,
         TimeElapsedColumn,
+        TimeRemainingColumn,
     )
 
     progress = Progress(
@@ -78,6 +79,7 @@ def progress_bar(description: str, total: float | None, *, enabled: bool) -> Ite
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
         console=Console(stderr=True),
         transient=True,

@@ -1,0 +1,377 @@
+"""``subspace spectrum``: verified top-k Hessian eigenpairs of checkpoints, stored in HDF5."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from subspace_cli.commands.common import (
+    examples,
+    for_each_input,
+    is_quiet,
+    output_options,
+    overrides_from,
+    plugin_options,
+)
+
+
+def spectrum_options(f: Any) -> Any:
+    """Options that decide how a spectrum is computed (shared with ``align``)."""
+    options = [
+        click.option(
+            "-k",
+            "k",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Number of top eigenpairs [default: the number of classes].",
+        ),
+        click.option(
+            "--extra",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="Also compute λ_{k+1..k+m}, to show the spectral gap.",
+        ),
+        click.option(
+            "--tol",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help="Relative residual ‖Hv−λv‖/|λ| every pair must reach "
+            "[default: 1e-4 for float32, 1e-8 for float64].",
+        ),
+        click.option(
+            "--max-hvps",
+            type=click.IntRange(min=1),
+            default=None,
+            help="HVP budget per checkpoint; pairs not converged by then are "
+            "reported as not converged [default: max(2000, 100 per pair)].",
+        ),
+        click.option(
+            "--solver",
+            type=click.Choice(["lanczos", "arpack"]),
+            default="lanczos",
+            show_default=True,
+            help="lanczos: thick-restart block Lanczos in torch on the device; "
+            "arpack: SciPy eigsh(which='LA') over the same HVPs (reference).",
+        ),
+        click.option(
+            "--block-size",
+            type=click.IntRange(min=1),
+            default=None,
+            help="HVPs per batched product in the Lanczos solver [default: 4].",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["float32", "float64"]),
+            default="float32",
+            show_default=True,
+            help="Precision of parameters, data and HVPs.",
+        ),
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            help="auto (CUDA when present), cpu, cuda or cuda:N.",
+        ),
+        click.option(
+            "--chunk-size",
+            type=click.IntRange(min=1),
+            default=1000,
+            show_default=True,
+            help="Samples per forward/backward pass; bounds memory.",
+        ),
+        click.option(
+            "--max-samples",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Use only the first N training samples [default: all].",
+        ),
+        click.option(
+            "--params",
+            "include",
+            multiple=True,
+            metavar="GLOB",
+            help="Analyse only parameters whose names match (repeatable).",
+        ),
+        click.option(
+            "--exclude",
+            multiple=True,
+            metavar="GLOB",
+            help="Leave out parameters whose names match (repeatable).",
+        ),
+        click.option(
+            "--train-mode",
+            is_flag=True,
+            help="Evaluate the model in train mode (default: eval mode). Buffers "
+            "such as BatchNorm statistics are never changed either way.",
+        ),
+        click.option(
+            "--hvp-method",
+            type=click.Choice(["auto", "forward", "reverse"]),
+            default="auto",
+            show_default=True,
+            help="Batched HVP: forward-over-reverse, reverse-over-reverse, or "
+            "auto (time both once, keep the faster).",
+        ),
+        click.option(
+            "--seed",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Seed of the solver's random start.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def settings_from(params: dict[str, Any]) -> Any:
+    from subspace_cli.spectrum import SpectrumSettings
+
+    return SpectrumSettings(
+        k=params["k"],
+        extra=params["extra"],
+        tol=params["tol"],
+        max_hvps=params["max_hvps"],
+        solver=params["solver"],
+        block_size=params["block_size"],
+        dtype=params["dtype"],
+        device=params["device"],
+        chunk_size=params["chunk_size"],
+        max_samples=params["max_samples"],
+        include=tuple(params["include"]),
+        exclude=tuple(params["exclude"]),
+        train_mode=params["train_mode"],
+        hvp_method=params["hvp_method"],
+        seed=params["seed"],
+    )
+
+
+@click.command(
+    "spectrum",
+    epilog=examples("""
+  subspace spectrum sample_checkpoints/mlp_mnist1d.safetensors
+  subspace spectrum sample_checkpoints/mlp_mnist1d.safetensors -o spectra.h5 --json
+  subspace spectrum runs/sgd/ -k 10 --extra 5 -o spectra.h5 --jsonl
+  subspace spectrum ckpt.safetensors --dtype float64 --tol 1e-10 --solver arpack
+  subspace spectrum ckpt.safetensors --params 'layers.2.*' --max-samples 1000
+"""),
+)
+@click.argument("checkpoints", nargs=-1, required=True)
+@spectrum_options
+@click.option(
+    "--init-from",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Spectra file whose eigenvectors warm-start the solver (its group for the "
+    "same checkpoint, else its latest group with the same parameter count).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="HDF5 spectra file to add the results to (docs/format.md).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a checkpoint's existing group in OUTPUT.")
+@click.option(
+    "--jsonl", is_flag=True, help="Print one JSON object per checkpoint as soon as it finishes."
+)
+@plugin_options
+@output_options
+@click.pass_context
+def spectrum_command(
+    ctx: click.Context,
+    checkpoints: tuple[str, ...],
+    init_from: str | None,
+    output: str | None,
+    overwrite: bool,
+    jsonl: bool,
+    model: str | None,
+    model_config: str | None,
+    data: str | None,
+    data_config: str | None,
+    loss: str | None,
+    as_json: bool,
+    **params: Any,
+) -> None:
+    """Top-k eigenpairs of the Hessian of the full training loss at CHECKPOINTS.
+
+    The k algebraically largest eigenvalues (the Hessian is indefinite) and
+    their eigenvectors span the dominant subspace. Every returned pair is
+    verified: its relative residual ‖Hv−λv‖/|λ|, from real Hessian-vector
+    products, must be at most --tol, and a pair that is not within --max-hvps
+    is reported as not converged. The model is analysed in eval mode unless
+    --train-mode is given.
+
+    CHECKPOINTS are files, directories (searched recursively for
+    *.safetensors) or glob patterns; each is computed on its own,
+    warm-started from the previous one, and the overlap ‖V_a V_bᵀ‖_F²/k
+    between consecutive subspaces is reported.
+    """
+    from subspace_cli.errors import UsageError
+
+    if as_json and jsonl:
+        raise UsageError("--json and --jsonl are alternatives: pick one")
+    settings = settings_from(params)
+    overrides = overrides_from(model, model_config, data, data_config, loss)
+    runner = SpectrumRunner(
+        settings,
+        overrides,
+        init_from=init_from,
+        output=output,
+        overwrite=overwrite,
+        quiet=is_quiet(ctx),
+    )
+    results: list[dict[str, Any]] = []
+
+    def handle(path: Path) -> None:
+        from subspace_cli.output import emit_json
+
+        record = runner.run(path)
+        results.append(record)
+        if jsonl:
+            emit_json(record, lines=True)
+        elif not as_json:
+            render(record)
+
+    outcome = for_each_input(ctx, checkpoints, handle)
+    if as_json:
+        from subspace_cli.output import emit_json
+
+        emit_json(results)
+    outcome.exit(ctx)
+
+
+class SpectrumRunner:
+    """Computes checkpoints in order, warm-starting each from the previous one."""
+
+    def __init__(
+        self,
+        settings: Any,
+        overrides: Any,
+        *,
+        init_from: str | None,
+        output: str | None,
+        overwrite: bool,
+        quiet: bool,
+    ) -> None:
+        from subspace_cli.experiment import DataCache
+
+        self.settings = settings
+        self.overrides = overrides
+        self.init_from = init_from
+        self.output = output
+        self.overwrite = overwrite
+        self.quiet = quiet
+        self.data_cache = DataCache()
+        self.previous: tuple[tuple[str, ...], Any, str] | None = None  # names, vectors, path
+
+    def run(self, path: Path) -> dict[str, Any]:
+        from subspace_cli import store
+        from subspace_cli.eigensolver import subspace_overlap
+        from subspace_cli.errors import UsageError
+        from subspace_cli.experiment import load_experiment
+        from subspace_cli.output import progress_bar, progress_enabled, say
+        from subspace_cli.spectrum import compute_spectrum, summary, to_stored
+
+        if self.output and not self.overwrite and store.has_group(self.output, path):
+            raise UsageError(
+                f"{self.output} already holds a spectrum of {path}; pass --overwrite to replace it"
+            )
+        experiment = load_experiment(path, self.overrides, data_cache=self.data_cache)
+        init, warm = self._warm_start(experiment)
+        budget = self.settings.max_hvps
+        with progress_bar(f"{path.name}", budget, enabled=progress_enabled(self.quiet)) as bar:
+
+            def progress(hvps: int, residuals: Any) -> None:
+                info = "" if residuals is None else f"max residual {float(residuals.max()):.2e}"
+                bar.update(completed=hvps, info=f"{hvps} HVPs  {info}")
+
+            run = compute_spectrum(
+                experiment, self.settings, init=init, warm_start=warm, progress=progress
+            )
+        vectors = run.result.eigenvectors
+        k = run.result.k
+        if self.previous is not None and self.previous[0] == run.layout.names:
+            run.overlap_with_previous = subspace_overlap(self.previous[1][:k], vectors[:k])
+        self.previous = (run.layout.names, vectors, str(path))
+        record = summary(run, experiment)
+        if self.output:
+            record["group"] = store.write_spectrum(
+                self.output, to_stored(run, experiment), overwrite=self.overwrite
+            )
+            record["output"] = self.output
+        unconverged = len(run.result.converged) - sum(run.result.converged)
+        if unconverged:
+            say(
+                f"warning: {path}: {unconverged} of {len(run.result.converged)} pairs did not "
+                f"reach tol {run.result.tol:g} within {run.result.hvp_count} HVPs "
+                "(raise --max-hvps or --tol)"
+            )
+        return record
+
+    def _warm_start(self, experiment: Any) -> tuple[Any, str | None]:
+        """Start vectors: the previous checkpoint's eigenvectors, else --init-from's."""
+        from subspace_cli import store
+        from subspace_cli.hessian import select_parameters
+
+        names = select_parameters(
+            experiment.model, self.settings.include, self.settings.exclude
+        ).names
+        if self.previous is not None and self.previous[0] == names:
+            return self.previous[1], self.previous[2]
+        if not self.init_from:
+            return None, None
+        import torch
+
+        stored = store.read_spectrum(self.init_from, experiment.checkpoint.path)
+        if stored is None or tuple(stored.param_names) != names:
+            candidates = [
+                s for s in store.iter_spectra(self.init_from) if tuple(s.param_names) == names
+            ]
+            stored = candidates[-1] if candidates else None
+        if stored is None:
+            from subspace_cli.output import say
+
+            say(
+                f"warning: {self.init_from} has no spectrum over the same parameters; "
+                "starting from random vectors"
+            )
+            return None, None
+        return torch.from_numpy(stored.eigenvectors), f"{self.init_from}:{stored.group}"
+
+
+def render(record: dict[str, Any]) -> None:
+    from subspace_cli.output import emit_table
+
+    k = record["k"]
+    rows = [
+        [i + 1 if i < k else f"{i + 1}*", f"{value:.8g}", f"{res:.2e}", "yes" if ok else "NO"]
+        for i, (value, res, ok) in enumerate(
+            zip(record["eigenvalues"], record["residuals"], record["converged"], strict=True)
+        )
+    ]
+    title = (
+        f"{record['checkpoint']}: top {k} of the {record['loss']} Hessian, "
+        f"{record['n_params']:,} parameters, {record['n_samples']:,} samples, "
+        f"{record['mode']} mode, {record['dtype']} on {record['device']}"
+    )
+    emit_table(rows, headers=["i", "λ_i", "residual", "converged"], title=title)
+    cost = (
+        f"{record['hvp_count']} HVPs ({record['hvp_method']}), {record['seconds']:.2f} s, "
+        f"tol {record['tol']:g}, {record['solver']}"
+    )
+    if record["warm_start"]:
+        cost += f", warm start from {record['warm_start']}"
+    if record["overlap_with_previous"] is not None:
+        cost += f"; overlap with previous {record['overlap_with_previous']:.4f}"
+    if record.get("output"):
+        cost += f"; stored in {record['output']}"
+    click.echo(cost)
+    if record["extra"]:
+        click.echo("* beyond k (--extra), to show the gap")
+    click.echo()

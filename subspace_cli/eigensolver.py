@@ -1,0 +1,473 @@
+"""Top eigenpairs of a symmetric operator from batched Hessian-vector products.
+
+The solver is a thick-restart block Lanczos method with full re-orthogonalisation (Wu and
+Simon's TRLan generalised to blocks; for a symmetric operator this is block Krylov-Schur). It
+keeps an orthonormal basis V (rows) together with its images W = H V, which are real
+Hessian-vector products. Every block step
+
+1. applies H to a new block of b orthonormal vectors (one ``op.matmat`` call, b HVPs),
+2. forms the projected matrix T = V Wᵀ and its eigenpairs (θ_i, y_i) (Rayleigh-Ritz),
+3. computes each Ritz pair's residual r_i = W y_i − θ_i V y_i, exactly ‖H x_i − θ_i x_i‖ for
+   x_i = V y_i because W y_i = H (V y_i) is a combination of stored real HVPs,
+4. extends the basis with the residuals of the top b unconverged Ritz pairs, orthogonalised
+   twice against V. In exact arithmetic these span the next block of the block Krylov space,
+   so the basis is a Krylov space (for a random start) and this is block Lanczos; for a warm
+   start from arbitrary vectors it is the Krylov space over that subspace.
+
+When the basis is full it is restarted with the top Ritz vectors and their images (thick
+restart): no HVP is repeated. The pairs are accepted when every relative residual
+‖H x_i − θ_i x_i‖ / |θ_i| is at most ``tol``; pairs that do not reach it within ``max_hvps`` are
+returned with ``converged=False``.
+
+The block size and basis size defaults were chosen by measurement (``benchmarks/
+solver_choice.py``): fewest HVPs and least time to reach 1e-6 relative eigenvalue error for the
+top-10 eigenpairs of a 50k-parameter tanh MLP.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from subspace_cli.errors import NumericalError, UsageError
+
+__all__ = [
+    "EigenResult",
+    "HessianLike",
+    "arpack_eigenpairs",
+    "default_max_hvps",
+    "default_tol",
+    "subspace_overlap",
+    "top_eigenpairs",
+]
+
+#: Called after every block with (HVPs used so far, relative residuals of the wanted pairs or
+#: ``None`` before there are enough Ritz pairs).
+ProgressCallback = Callable[[int, "torch.Tensor | None"], None]
+
+DEFAULT_BLOCK_SIZE = 2
+
+
+class HessianLike(Protocol):
+    """What the solvers need from an operator (see :class:`subspace_cli.hessian.HessianOperator`)."""
+
+    @property
+    def n_params(self) -> int: ...
+
+    device: torch.device
+    dtype: torch.dtype
+
+    def matmat(self, vectors: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class EigenResult:
+    """Top eigenpairs of a symmetric operator.
+
+    Attributes:
+        eigenvalues: ``(k + extra,)`` float64, in descending (algebraic) order.
+        eigenvectors: ``(k + extra, n)`` in the operator's dtype, orthonormal rows.
+        residuals: ``(k + extra,)`` float64 relative residuals ‖H v − λ v‖ / |λ| from real HVPs.
+        converged: Per pair, whether its residual is at most ``tol``.
+        hvp_count: HVPs this solve applied.
+        solver: ``"block-lanczos"`` or ``"arpack"``.
+        iterations: Block steps (``arpack``: ARPACK restarts are not exposed, 0).
+        restarts: Thick restarts.
+        seconds: Wall time of the solve.
+        tol: The residual tolerance that ``converged`` refers to.
+        k: Number of requested pairs (the rest, ``extra``, show the gap).
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    residuals: torch.Tensor
+    converged: list[bool]
+    hvp_count: int
+    solver: str
+    iterations: int
+    restarts: int
+    seconds: float
+    tol: float
+    k: int
+    extra: int = field(default=0)
+
+    @property
+    def all_converged(self) -> bool:
+        return all(self.converged)
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """Relative residual tolerance reachable with HVPs computed in ``dtype``.
+
+    float64 reaches 1e-10 and beyond, so 1e-8 costs little. float32 HVPs carry noise of about
+    1e-6 relative to ‖H‖ (summing thousands of per-sample products), which for the smaller
+    wanted eigenvalues is a relative residual floor around 1e-5; 1e-4 leaves a margin.
+    """
+    if dtype == torch.float64:
+        return 1e-8
+    if dtype == torch.float32:
+        return 1e-4
+    return 1e-2
+
+
+def default_max_hvps(wanted: int) -> int:
+    """HVP budget: 2000, or 100 per wanted pair when more than 20 are wanted."""
+    return max(2000, 100 * wanted)
+
+
+def default_basis_size(wanted: int, block_size: int) -> int:
+    """Basis rows kept before a thick restart (V and W both hold this many vectors)."""
+    return max(3 * wanted, wanted + 4 * block_size)
+
+
+def subspace_overlap(va: torch.Tensor, vb: torch.Tensor) -> float:
+    """‖V_a V_bᵀ‖_F² / k for orthonormal rows; 1 for identical subspaces.
+
+    With different numbers of rows, k is the smaller one.
+    """
+    if va.dim() != 2 or vb.dim() != 2 or va.shape[1] != vb.shape[1]:
+        raise ValueError(f"incompatible bases {tuple(va.shape)} and {tuple(vb.shape)}")
+    k = min(va.shape[0], vb.shape[0])
+    if k == 0:
+        raise ValueError("empty basis")
+    product = va.to(torch.float64) @ vb.to(device=va.device, dtype=torch.float64).T
+    return float((product**2).sum()) / k
+
+
+def _check_request(op: HessianLike, k: int, extra: int, max_hvps: int, tol: float) -> int:
+    if not tol > 0:
+        raise UsageError(f"tol must be positive, got {tol}")
+    if k < 1:
+        raise UsageError(f"k must be at least 1, got {k}")
+    if extra < 0:
+        raise UsageError(f"extra must be non-negative, got {extra}")
+    wanted = k + extra
+    if wanted > op.n_params:
+        raise UsageError(f"k + extra = {wanted} exceeds the number of parameters {op.n_params}")
+    if max_hvps < wanted:
+        raise UsageError(f"max_hvps ({max_hvps}) must be at least k + extra ({wanted})")
+    return wanted
+
+
+def _relative(
+    residual_norms: torch.Tensor, values: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """‖r‖ / |θ|, with |θ| floored at eps·max|θ| so that a zero eigenvalue does not divide by 0."""
+    scale = values.abs()
+    floor = torch.finfo(dtype).eps * float(scale.max()) if scale.numel() else 0.0
+    return residual_norms / scale.clamp_min(max(floor, torch.finfo(torch.float64).tiny))
+
+
+def _orthonormal_extension(
+    basis: torch.Tensor,
+    candidates: torch.Tensor,
+    count: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Up to ``count`` orthonormal rows orthogonal to ``basis``: candidates first, then random.
+
+    Classical Gram-Schmidt applied twice ("twice is enough"), against the basis as a block and
+    within the new rows one by one. A candidate that is (numerically) in the span already is
+    dropped; random vectors fill the gap. Fewer rows come back only when the space is exhausted.
+    """
+    n = basis.shape[1]
+    count = min(count, n - basis.shape[0])
+    if count <= 0:
+        return basis.new_zeros((0, n))
+    drop = 1e3 * torch.finfo(basis.dtype).eps
+    accepted: list[torch.Tensor] = []
+
+    def project(rows: torch.Tensor) -> torch.Tensor:
+        for _ in range(2):
+            if basis.shape[0]:
+                rows = rows - (rows @ basis.T) @ basis
+        return rows
+
+    def take(rows: torch.Tensor) -> None:
+        norms = rows.norm(dim=1)
+        rows = project(rows)
+        for row, norm0 in zip(rows, norms, strict=True):
+            if len(accepted) == count:
+                return
+            if float(norm0) == 0.0:
+                continue
+            for _ in range(2):
+                if accepted:
+                    done = torch.stack(accepted)
+                    row = row - (done @ row) @ done
+            norm = float(row.norm())
+            if norm > drop * float(norm0):
+                accepted.append(row / norm)
+
+    if candidates.shape[0]:
+        take(candidates)
+    for _ in range(3):  # random fill; a second round only if a random vector was dependent
+        missing = count - len(accepted)
+        if missing <= 0:
+            break
+        take(torch.randn(missing, n, generator=generator, device=basis.device, dtype=basis.dtype))
+    if not accepted:
+        return basis.new_zeros((0, n))
+    return torch.stack(accepted)
+
+
+def _projection(basis: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """V Wᵀ = V H Vᵀ in float64, symmetrised."""
+    projected = (basis @ images.T).to(torch.float64)
+    return 0.5 * (projected + projected.T)
+
+
+def _restore_orthonormality(
+    basis: torch.Tensor, images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Undo the slow loss of orthonormality that repeated restarts cause in low precision.
+
+    With V = L C (Cholesky of V Vᵀ = L Lᵀ), C = L⁻¹ V is orthonormal and H C = L⁻¹ W, so the
+    images stay exact combinations of real HVPs.
+    """
+    gram = (basis @ basis.T).to(torch.float64)
+    identity = torch.eye(len(gram), device=gram.device, dtype=gram.dtype)
+    if float((gram - identity).abs().max()) <= 100 * torch.finfo(basis.dtype).eps:
+        return basis, images
+    inverse = torch.linalg.inv(torch.linalg.cholesky(gram)).to(basis.dtype)
+    return inverse @ basis, inverse @ images
+
+
+def top_eigenpairs(
+    op: HessianLike,
+    k: int,
+    *,
+    extra: int = 0,
+    tol: float | None = None,
+    max_hvps: int | None = None,
+    init: torch.Tensor | None = None,
+    seed: int = 0,
+    block_size: int | None = None,
+    basis_size: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> EigenResult:
+    """The k + extra algebraically largest eigenpairs, by thick-restart block Lanczos.
+
+    Args:
+        op: Symmetric operator with ``matmat`` over rows, ``n_params``, ``device``, ``dtype``.
+        k: Number of wanted pairs.
+        extra: Further pairs λ_{k+1..k+extra}, held to the same tolerance (they show the gap).
+        tol: Relative residual ‖H v − λ v‖ / |λ| every pair must reach
+            (default :func:`default_tol` of ``op.dtype``).
+        max_hvps: HVP budget (default :func:`default_max_hvps`). Pairs that have not converged
+            when it is spent are returned with ``converged=False``.
+        init: ``(j, n)`` starting vectors, e.g. the previous checkpoint's eigenvectors; a warm
+            start from the exact answer converges after one block of j HVPs.
+        seed: Seed of the random start and fill vectors (a generator on ``op.device``).
+        block_size: Vectors per ``op.matmat`` call (default 2).
+        basis_size: Basis vectors held before a thick restart (default
+            ``max(3·(k+extra), k+extra+4·block_size)``); memory is 2·basis_size vectors of n.
+        progress: Called after every block as ``progress(hvps, residuals_or_None)``.
+
+    Returns:
+        An :class:`EigenResult` with ``solver="block-lanczos"``.
+    """
+    started = time.perf_counter()
+    n = op.n_params
+    device, op_dtype = op.device, op.dtype
+    # The basis, its images and the Rayleigh-Ritz step are kept in float64 whatever the HVP
+    # precision: with a float32 basis, rounding in V Wᵀ capped the eigenvalue accuracy near
+    # 5e-7 and cost extra HVPs (benchmarks/solver_choice.py). Memory: 2·basis_size·n doubles.
+    dtype = torch.float64
+    tol = default_tol(op_dtype) if tol is None else float(tol)
+    b = DEFAULT_BLOCK_SIZE if block_size is None else int(block_size)
+    if b < 1:
+        raise UsageError(f"block size must be positive, got {b}")
+    max_hvps = default_max_hvps(k + extra) if max_hvps is None else int(max_hvps)
+    wanted = _check_request(op, k, extra, max_hvps, tol)
+    b = min(b, n)
+    if init is not None:
+        if init.dim() != 2 or init.shape[1] != n:
+            raise UsageError(f"init must have shape (j, {n}), got {tuple(init.shape)}")
+        init = init.to(device=device, dtype=dtype)
+        first = min(max(b, init.shape[0]), n)
+    else:
+        init = torch.zeros((0, n), device=device, dtype=dtype)
+        first = b
+    max_dim = default_basis_size(wanted, b) if basis_size is None else int(basis_size)
+    max_dim = min(n, max(max_dim, wanted + b, first + b))
+    keep = max_dim - max(b, (max_dim - wanted) // 2)  # Ritz vectors kept by a restart
+    keep = max(min(keep, max_dim - b), wanted)
+
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    basis = torch.zeros((0, n), device=device, dtype=dtype)
+    images = torch.zeros((0, n), device=device, dtype=dtype)
+    projected = torch.zeros((0, 0), device=device, dtype=torch.float64)
+    new = _orthonormal_extension(basis, init, first, generator)
+    hvps = iterations = restarts = 0
+    values = torch.zeros(0, device=device, dtype=torch.float64)
+    vectors = torch.zeros((0, 0), device=device, dtype=torch.float64)
+    ritz_vectors = ritz_images = basis
+    relative = torch.zeros(0, device=device, dtype=torch.float64)
+
+    while new.shape[0]:
+        new = new[: max_hvps - hvps]
+        if not new.shape[0]:
+            break
+        # H is applied to the basis rows rounded to op_dtype; the difference is at the HVPs'
+        # own rounding level (relative eps of op_dtype), far below any sensible tol.
+        new_images = op.matmat(new.to(op_dtype)).to(dtype)
+        hvps += new.shape[0]
+        iterations += 1
+        # T = V Wᵀ grows by the new block; the two estimates of the off-diagonal block
+        # (V_old · H V_new and H V_old · V_new) agree up to rounding and are averaged.
+        cross = 0.5 * (basis @ new_images.T + images @ new.T).to(torch.float64)
+        diagonal = (new @ new_images.T).to(torch.float64)
+        diagonal = 0.5 * (diagonal + diagonal.T)
+        projected = torch.cat(
+            [torch.cat([projected, cross], dim=1), torch.cat([cross.T, diagonal], dim=1)]
+        )
+        basis = torch.cat([basis, new])
+        images = torch.cat([images, new_images])
+
+        values, vectors = torch.linalg.eigh(projected)
+        values, vectors = values.flip(0), vectors.flip(1)
+        if not bool(torch.isfinite(values).all()):
+            raise NumericalError("the projected Hessian has non-finite entries")
+        dim = basis.shape[0]
+        # Residuals of the wanted pairs and of the next b, which may seed the next block.
+        count = min(dim, wanted + b)
+        coefficients = vectors[:, :count].T.to(dtype)
+        ritz_vectors = coefficients @ basis
+        ritz_images = coefficients @ images  # = H x_i, combinations of stored real HVPs
+        residual_norms = (ritz_images - values[:count, None].to(dtype) * ritz_vectors).norm(dim=1)
+        relative = _relative(residual_norms, values[:count], op_dtype)
+        done = relative <= tol
+        if progress is not None:
+            progress(hvps, relative[:wanted].clone() if dim >= wanted else None)
+        if dim >= wanted and bool(done[:wanted].all()):
+            break
+        if hvps >= max_hvps or dim == n:
+            break
+
+        # Next block: residuals of the top unconverged pairs (wanted first, then beyond).
+        order = [i for i in range(count) if i < wanted and not bool(done[i])]
+        order += [i for i in range(wanted, count) if i not in order]
+        residuals = ritz_images[order] - values[order, None].to(dtype) * ritz_vectors[order]
+        if dim + b > max_dim and max_dim < n:
+            kept = min(keep, dim)
+            coefficients = vectors[:, :kept].T.to(dtype)
+            basis, images = _restore_orthonormality(coefficients @ basis, coefficients @ images)
+            projected = _projection(basis, images)
+            restarts += 1
+        new = _orthonormal_extension(basis, residuals[:b], b, generator)
+
+    count = min(wanted, ritz_vectors.shape[0])
+    residuals_out = relative[:count]
+    return EigenResult(
+        eigenvalues=values[:count].clone(),
+        eigenvectors=ritz_vectors[:count].to(op_dtype),
+        residuals=residuals_out.clone(),
+        converged=[bool(r <= tol) for r in residuals_out],
+        hvp_count=hvps,
+        solver="block-lanczos",
+        iterations=iterations,
+        restarts=restarts,
+        seconds=time.perf_counter() - started,
+        tol=tol,
+        k=k,
+        extra=extra,
+    )
+
+
+def arpack_eigenpairs(
+    op: HessianLike,
+    k: int,
+    *,
+    extra: int = 0,
+    tol: float | None = None,
+    max_hvps: int | None = None,
+    init: torch.Tensor | None = None,
+    seed: int = 0,
+) -> EigenResult:
+    """Reference solver: SciPy's ``eigsh(which="LA")`` (ARPACK) over the same HVPs.
+
+    ARPACK's ``tol`` is the same relative criterion ‖H v − λ v‖ ≤ tol·|λ|. The returned
+    residuals are recomputed with k + extra real HVPs, included in ``hvp_count``; ``converged``
+    refers to those recomputed residuals.
+
+    Raises:
+        NumericalError: If ARPACK stops (budget or iteration limit) before all pairs converge.
+    """
+    import numpy as np
+    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+
+    started = time.perf_counter()
+    n = op.n_params
+    tol = default_tol(op.dtype) if tol is None else float(tol)
+    max_hvps = default_max_hvps(k + extra) if max_hvps is None else int(max_hvps)
+    wanted = _check_request(op, k, extra, max_hvps, tol)
+    if wanted >= n:
+        raise UsageError(f"ARPACK needs k + extra < n ({wanted} >= {n}); use top_eigenpairs")
+    generator = torch.Generator(device=op.device)
+    generator.manual_seed(seed)
+    if init is not None and init.shape[0]:
+        start = init.to(device=op.device, dtype=torch.float64).sum(dim=0)
+    else:
+        start = torch.randn(n, generator=generator, device=op.device, dtype=torch.float64)
+    hvps = 0
+
+    class _BudgetSpent(Exception):
+        pass
+
+    def matvec(vector: np.ndarray) -> np.ndarray:
+        nonlocal hvps
+        if hvps >= max_hvps:
+            raise _BudgetSpent
+        hvps += 1
+        x = torch.as_tensor(np.asarray(vector, dtype=np.float64).reshape(-1))
+        product = op.matmat(x.to(device=op.device, dtype=op.dtype).unsqueeze(0))[0]
+        return product.to("cpu", torch.float64).numpy()
+
+    linear = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
+    try:
+        values, vectors = eigsh(
+            linear,
+            k=wanted,
+            which="LA",
+            tol=tol,
+            v0=start.cpu().numpy(),
+            ncv=min(n, max(2 * wanted + 1, 20)),
+            maxiter=max_hvps,
+        )
+    except _BudgetSpent:
+        raise NumericalError(
+            f"ARPACK did not converge within {max_hvps} HVPs (k + extra = {wanted}, tol {tol:g})"
+        ) from None
+    except ArpackNoConvergence as error:
+        raise NumericalError(
+            f"ARPACK converged only {len(error.eigenvalues)} of {wanted} eigenpairs"
+        ) from None
+    order = np.argsort(values)[::-1]
+    eigenvalues = torch.as_tensor(values[order].copy(), device=op.device)
+    eigenvectors = torch.as_tensor(vectors[:, order].T.copy()).to(device=op.device, dtype=op.dtype)
+    images = op.matmat(eigenvectors)
+    hvps += wanted
+    residual_norms = (
+        images.to(torch.float64) - eigenvalues[:, None] * eigenvectors.to(torch.float64)
+    ).norm(dim=1)
+    relative = _relative(residual_norms, eigenvalues, op.dtype)
+    return EigenResult(
+        eigenvalues=eigenvalues,
+        eigenvectors=eigenvectors,
+        residuals=relative,
+        converged=[bool(r <= tol) for r in relative],
+        hvp_count=hvps,
+        solver="arpack",
+        iterations=0,
+        restarts=0,
+        seconds=time.perf_counter() - started,
+        tol=tol,
+        k=k,
+        extra=extra,
+    )

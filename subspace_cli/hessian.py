@@ -1,0 +1,471 @@
+"""The Hessian of the full training loss as a batched linear operator.
+
+For parameters θ (the selected ones; all others stay fixed) and a training set of N samples,
+
+    L(θ) = (1/N) Σ_n ℓ(f(x_n; θ), y_n),        H = ∇²L(θ),
+
+with ℓ one of :mod:`subspace_cli.losses`. :class:`HessianOperator` applies H exactly to a block
+of vectors, walking the training set in chunks so that memory is bounded by one chunk's
+activations (times the number of vectors). Each chunk contributes the *sum* of its per-sample
+Hessian-vector products; the sums and the sample count are reduced once at the end, so chunks
+are weighted by their size and the result is the full-data Hessian, not a mini-batch one.
+
+Two exact batched Hessian-vector products are implemented:
+
+``forward`` (forward-over-reverse)
+    ``vmap`` over ``jvp(grad(loss), (θ,), (v,))`` with ``functional_call``: one forward pass
+    carrying m tangents.
+``reverse`` (reverse-over-reverse)
+    one double-backward graph per chunk, differentiated for all m vectors at once with
+    ``autograd.grad(..., is_grads_batched=True)`` (a loop with ``retain_graph`` where an op
+    cannot be vmapped).
+
+``method="auto"`` times both on the first product and keeps the faster; an op without forward
+AD makes it fall back to ``reverse``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from subspace_cli.data import TrainingData, iter_chunks, sample_count
+from subspace_cli.errors import NumericalError, UsageError
+from subspace_cli.losses import check_loss, correct_count, loss_sum
+
+if TYPE_CHECKING:
+    from scipy.sparse.linalg import LinearOperator
+
+__all__ = [
+    "HVP_METHODS",
+    "HessianOperator",
+    "ParameterLayout",
+    "select_parameters",
+]
+
+#: Accepted values of ``HessianOperator(method=...)``.
+HVP_METHODS = ("auto", "forward", "reverse")
+
+
+@dataclass(frozen=True)
+class ParameterLayout:
+    """Where each selected parameter lives in the flat parameter vector.
+
+    Parameter ``names[i]`` of shape ``shapes[i]`` occupies
+    ``flat[offsets[i] : offsets[i] + sizes[i]]``, in row-major order.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def n_params(self) -> int:
+        """Length of the flat vector."""
+        return sum(self.sizes)
+
+    @classmethod
+    def from_shapes(cls, named_shapes: Sequence[tuple[str, Sequence[int]]]) -> ParameterLayout:
+        """Layout of parameters concatenated in the given order."""
+        names, shapes, offsets, sizes = [], [], [], []
+        offset = 0
+        for name, shape in named_shapes:
+            size = 1
+            for dim in shape:
+                size *= int(dim)
+            names.append(name)
+            shapes.append(tuple(int(dim) for dim in shape))
+            offsets.append(offset)
+            sizes.append(size)
+            offset += size
+        return cls(tuple(names), tuple(shapes), tuple(offsets), tuple(sizes))
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of ``flat`` (shape ``(n_params,)``) shaped like the parameters."""
+        if flat.shape != (self.n_params,):
+            raise ValueError(
+                f"expected a vector of length {self.n_params}, got {tuple(flat.shape)}"
+            )
+        return {
+            name: flat[offset : offset + size].view(shape)
+            for name, shape, offset, size in zip(
+                self.names, self.shapes, self.offsets, self.sizes, strict=True
+            )
+        }
+
+    def flatten(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Concatenate the selected entries of ``tensors`` (e.g. ``dict(named_parameters())``)."""
+        missing = [name for name in self.names if name not in tensors]
+        if missing:
+            raise KeyError(f"missing parameters: {', '.join(missing)}")
+        return torch.cat([tensors[name].reshape(-1) for name in self.names])
+
+
+def select_parameters(
+    model: torch.nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> ParameterLayout:
+    """Select parameters by ``fnmatch`` globs on their ``named_parameters()`` names.
+
+    A parameter is selected when it matches some ``include`` glob (all parameters if ``include``
+    is ``None`` or empty) and no ``exclude`` glob. ``requires_grad`` is ignored: the analysis
+    differentiates a private copy.
+
+    Raises:
+        UsageError: If nothing is selected.
+    """
+    include = list(include or [])
+    exclude = list(exclude or [])
+    selected = [
+        (name, tuple(param.shape))
+        for name, param in model.named_parameters()
+        if (not include or any(fnmatch.fnmatchcase(name, glob) for glob in include))
+        and not any(fnmatch.fnmatchcase(name, glob) for glob in exclude)
+    ]
+    if not selected:
+        available = [name for name, _ in model.named_parameters()]
+        shown = ", ".join(available[:8]) + (", ..." if len(available) > 8 else "")
+        raise UsageError(
+            f"no parameters selected by include {include or ['*']} and exclude {exclude}"
+            f" (the model's parameters: {shown or 'none'})"
+        )
+    return ParameterLayout.from_shapes(selected)
+
+
+_MISSING_DERIVATIVE = re.compile(r"derivative for '?([\w.:]+)'? is not implemented")
+_MISSING_FORWARD_AD = re.compile(r"forward AD with ([\w.:]+)")
+
+
+def _failing_operation(error: BaseException) -> str | None:
+    """The op named by torch's "not implemented" message, or a description, or ``None``."""
+    message = str(error)
+    for pattern in (_MISSING_DERIVATIVE, _MISSING_FORWARD_AD):
+        match = pattern.search(message)
+        if match:
+            return match.group(1)
+    if "once_differentiable" in message:
+        return "a custom autograd.Function marked @once_differentiable"
+    return None
+
+
+@contextmanager
+def _module_mode(model: torch.nn.Module, train: bool) -> Iterator[None]:
+    """Put every submodule in train or eval mode, restoring each one's own flag afterwards."""
+    saved = [(module, module.training) for module in model.modules()]
+    model.train(train)
+    try:
+        yield
+    finally:
+        for module, training in saved:
+            module.training = training
+
+
+class HessianOperator:
+    """Exact Hessian of the mean training loss over the selected parameters.
+
+    Args:
+        model: The network; it is never modified (parameters, buffers and mode are restored).
+        data: The training set.
+        loss: ``"mse"`` or ``"ce"`` (see :mod:`subspace_cli.losses`).
+        layout: Selected parameters (default: all, see :func:`select_parameters`).
+        chunk_size: Samples per forward/backward pass.
+        max_samples: Use only the first ``max_samples`` samples.
+        device: Where parameters, data chunks and products live.
+        dtype: Floating dtype of parameters, floating inputs and products.
+        train_mode: Evaluate the model in train mode. Buffers are never updated either way.
+            BatchNorm then normalises with the statistics of each chunk, so the Hessian depends
+            on ``chunk_size``; dropout would make every product random.
+        method: ``"forward"`` (forward-over-reverse), ``"reverse"`` (reverse-over-reverse) or
+            ``"auto"`` (time both on the first product, keep the faster). The choice is timing
+            dependent; pass it explicitly when bitwise-reproducible products matter.
+
+    Attributes:
+        hvp_count: Single-vector products applied so far (a product with m vectors counts m).
+        method_seconds: With ``method="auto"``, the measured seconds per method on the first
+            chunk (empty until measured; a method that raised has no entry).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data: TrainingData,
+        loss: str,
+        *,
+        layout: ParameterLayout | None = None,
+        chunk_size: int = 1000,
+        max_samples: int | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        train_mode: bool = False,
+        method: str = "auto",
+    ) -> None:
+        self.loss = check_loss(loss)
+        if method not in HVP_METHODS:
+            raise UsageError(
+                f"unknown HVP method {method!r}: choose one of {', '.join(HVP_METHODS)}"
+            )
+        if chunk_size < 1:
+            raise UsageError(f"chunk size must be positive, got {chunk_size}")
+        if max_samples is not None and max_samples < 1:
+            raise UsageError(f"max_samples must be positive, got {max_samples}")
+        if not dtype.is_floating_point:
+            raise UsageError(f"dtype must be a floating-point type, got {dtype}")
+        self.model = model
+        self.data = data
+        self.layout = layout if layout is not None else select_parameters(model)
+        self.chunk_size = int(chunk_size)
+        self.max_samples = max_samples
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.train_mode = bool(train_mode)
+        self.n_samples = sample_count(data, max_samples)
+        if self.n_samples == 0:
+            raise UsageError("the training set is empty")
+        self.hvp_count = 0
+        self.method_seconds: dict[str, float] = {}
+        self._method: str | None = None if method == "auto" else method
+        self._batched_reverse = True
+
+        # Private copies: the model's own tensors are never handed to functional_call.
+        params = dict(model.named_parameters())
+        unknown = [name for name in self.layout.names if name not in params]
+        if unknown:
+            raise UsageError(f"the layout names parameters the model lacks: {', '.join(unknown)}")
+        self._theta = self.layout.flatten(
+            {name: params[name].detach().to(self.device, dtype) for name in self.layout.names}
+        ).clone()
+        selected = set(self.layout.names)
+        self._fixed = {
+            name: param.detach().to(self.device, dtype).clone()
+            for name, param in params.items()
+            if name not in selected
+        }
+        self._buffers = {
+            name: buffer.detach()
+            .to(self.device, dtype if buffer.is_floating_point() else None)
+            .clone()
+            for name, buffer in model.named_buffers()
+        }
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def n_params(self) -> int:
+        """Dimension of the operator (number of selected scalar parameters)."""
+        return self.layout.n_params
+
+    @property
+    def method(self) -> str | None:
+        """The batched HVP method in use; ``None`` while ``"auto"`` has not measured yet."""
+        return self._method
+
+    @property
+    def parameters(self) -> torch.Tensor:
+        """The flat vector θ at which the Hessian is taken (a copy)."""
+        return self._theta.clone()
+
+    def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+        """H applied to each row of ``vectors`` ``(m, n_params)``; rows in ``dtype`` on ``device``."""
+        if vectors.dim() != 2 or vectors.shape[1] != self.n_params:
+            raise ValueError(
+                f"expected a (m, {self.n_params}) block of vectors, got {tuple(vectors.shape)}"
+            )
+        vectors = vectors.to(self.device, self.dtype)
+        m = vectors.shape[0]
+        if m == 0:
+            return torch.zeros_like(vectors)
+        sums = torch.zeros_like(vectors)
+        with _module_mode(self.model, self.train_mode):
+            for x, y in self._chunks():
+                sums += self._chunk_hvp(x, y, vectors)
+        result = self._reduce(sums, self.n_samples)
+        if not bool(torch.isfinite(result).all()):
+            raise NumericalError(
+                "a Hessian-vector product is not finite (does the loss or the model overflow?"
+                " try dtype float64)"
+            )
+        self.hvp_count += m
+        return result
+
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        """H applied to one vector of shape ``(n_params,)``."""
+        if vector.shape != (self.n_params,):
+            raise ValueError(
+                f"expected a vector of length {self.n_params}, got {tuple(vector.shape)}"
+            )
+        return self.matmat(vector.unsqueeze(0))[0]
+
+    def loss_and_gradient(self) -> tuple[float, torch.Tensor, float]:
+        """Mean loss, flat full-batch gradient ∇L(θ) and accuracy, in the operator's mode."""
+        n = self.n_params
+        # One vector [loss, correct, gradient...] so that a data-parallel reduction is one call.
+        sums = torch.zeros(n + 2, device=self.device, dtype=self.dtype)
+        theta = self._theta.detach().requires_grad_(True)
+        with _module_mode(self.model, self.train_mode), torch.enable_grad():
+            for x, y in self._chunks():
+                output = self._forward(theta, x)
+                chunk_loss = loss_sum(self.loss, output, y)
+                (grad,) = torch.autograd.grad(chunk_loss, theta, allow_unused=True)
+                sums[0] += chunk_loss.detach()
+                sums[1] += correct_count(output.detach(), y)
+                if grad is not None:
+                    sums[2:] += grad
+        mean = self._reduce(sums, self.n_samples)
+        if not bool(torch.isfinite(mean).all()):
+            raise NumericalError("the loss or its gradient is not finite")
+        return float(mean[0]), mean[2:].clone(), float(mean[1])
+
+    def to_scipy(self) -> LinearOperator:
+        """A SciPy ``LinearOperator`` (float64 NumPy in and out) over the same products."""
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator
+
+        def matmat(block: np.ndarray) -> np.ndarray:
+            columns = torch.as_tensor(np.ascontiguousarray(block.T), dtype=self.dtype)
+            products = self.matmat(columns.to(self.device))
+            return products.to("cpu", torch.float64).numpy().T
+
+        def matvec(vector: np.ndarray) -> np.ndarray:
+            return matmat(np.asarray(vector).reshape(-1, 1)).reshape(-1)
+
+        n = self.n_params
+        return LinearOperator(
+            (n, n), matvec=matvec, rmatvec=matvec, matmat=matmat, dtype=np.float64
+        )
+
+    # ------------------------------------------------------------------ machinery
+
+    def _chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter_chunks(self.data, self.chunk_size, self.max_samples, self.device, self.dtype)
+
+    @staticmethod
+    def _reduce(sums: torch.Tensor, count: int) -> torch.Tensor:
+        """Turn per-sample sums into means.
+
+        Everything that averages over the training set goes through here: a data-parallel mode
+        only has to all-reduce ``sums`` and ``count`` across ranks before dividing.
+        """
+        return sums / count
+
+    def _forward(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Model output with the selected parameters taken from the flat vector ``theta``."""
+        tensors: dict[str, torch.Tensor] = dict(self._fixed)
+        tensors.update(self.layout.unflatten(theta))
+        # Fresh buffer clones for every call: train-mode BatchNorm updates running statistics in
+        # place, and neither the model's buffers nor our copies may change.
+        tensors.update({name: buffer.clone() for name, buffer in self._buffers.items()})
+        output: torch.Tensor = torch.func.functional_call(self.model, tensors, (x,))
+        return output
+
+    def _chunk_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss_sum(self.loss, self._forward(theta, x), y)
+
+    def _chunk_hvp(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """Sum over the chunk's samples of the per-sample Hessian applied to each row."""
+        if self._method is None:
+            return self._choose_method(x, y, vectors)
+        hvp = self._forward_hvp if self._method == "forward" else self._reverse_hvp
+        try:
+            return hvp(x, y, vectors)
+        except (RuntimeError, NotImplementedError) as error:
+            raise self._differentiation_error(error, self._method) from error
+
+    def _choose_method(
+        self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor
+    ) -> torch.Tensor:
+        """Time both methods on the first chunk and keep the faster.
+
+        Each method runs once to warm up (allocator, kernels, the ``is_grads_batched`` probe),
+        then twice more, interleaved so that a load spike on a shared machine hits both; the
+        faster of the two timed runs counts. A method that raises is out of the race.
+        """
+        candidates: dict[str, Callable[..., torch.Tensor]] = {
+            "forward": self._forward_hvp,
+            "reverse": self._reverse_hvp,
+        }
+        results: dict[str, torch.Tensor] = {}
+        errors: dict[str, BaseException] = {}
+        for name, hvp in candidates.items():
+            try:
+                results[name] = hvp(x, y, vectors)
+            except (RuntimeError, NotImplementedError) as error:
+                errors[name] = error
+        if not results:
+            raise self._differentiation_error(errors["reverse"], "reverse") from errors["reverse"]
+        timings: dict[str, list[float]] = {name: [] for name in results}
+        for _ in range(2 if len(results) > 1 else 0):
+            for name in results:
+                self._synchronize()
+                start = time.perf_counter()
+                candidates[name](x, y, vectors)
+                self._synchronize()
+                timings[name].append(time.perf_counter() - start)
+        self.method_seconds = {name: min(seconds) for name, seconds in timings.items() if seconds}
+        self._method = min(results, key=lambda name: self.method_seconds.get(name, 0.0))
+        return results[self._method]
+
+    def _forward_hvp(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        grad = torch.func.grad(lambda theta: self._chunk_loss(theta, x, y))
+
+        def hvp(vector: torch.Tensor) -> torch.Tensor:
+            product: torch.Tensor = torch.func.jvp(grad, (self._theta,), (vector,))[1]
+            return product
+
+        products: torch.Tensor = torch.func.vmap(hvp)(vectors)
+        return products
+
+    def _reverse_hvp(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        theta = self._theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(
+                self._chunk_loss(theta, x, y), theta, create_graph=True, allow_unused=True
+            )
+        if grad is None or not grad.requires_grad:  # the loss is at most linear in θ
+            return torch.zeros_like(vectors)
+        if self._batched_reverse and vectors.shape[0] > 1:
+            try:
+                (products,) = torch.autograd.grad(
+                    grad,
+                    theta,
+                    vectors,
+                    retain_graph=True,
+                    is_grads_batched=True,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+                return products.detach()
+            except (RuntimeError, NotImplementedError) as error:
+                if _failing_operation(error) is not None:
+                    raise
+                self._batched_reverse = False  # an op that vmap cannot batch: loop instead
+        rows = [
+            torch.autograd.grad(
+                grad, theta, vector, retain_graph=True, allow_unused=True, materialize_grads=True
+            )[0]
+            for vector in vectors
+        ]
+        return torch.stack(rows).detach()
+
+    def _differentiation_error(self, error: BaseException, method: str) -> BaseException:
+        operation = _failing_operation(error)
+        if operation is None:
+            return error
+        kind = "forward-mode AD" if method == "forward" else "twice"
+        advice = " (try method 'reverse')" if method == "forward" else ""
+        return NumericalError(
+            f"cannot differentiate the model's loss {kind}: the derivative for {operation!r}"
+            f" is not implemented in torch{advice}"
+        )
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

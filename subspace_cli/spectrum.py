@@ -1,0 +1,266 @@
+"""Top-k Hessian eigenpairs of a checkpoint: the library layer behind ``subspace spectrum``.
+
+:func:`compute_spectrum` turns an :class:`~subspace_cli.experiment.Experiment` and
+:class:`SpectrumSettings` into a :class:`SpectrumRun` (eigenpairs, residuals, cost and
+provenance); :func:`to_stored` makes the HDF5 record of it. ``align`` and ``project-train`` call
+the same functions.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from subspace_cli import __version__
+from subspace_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from subspace_cli.eigensolver import EigenResult
+    from subspace_cli.experiment import Experiment
+    from subspace_cli.hessian import HessianOperator, ParameterLayout
+    from subspace_cli.store import Spectrum
+
+SOLVERS = ("lanczos", "arpack")
+DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class SpectrumSettings:
+    """How to compute a spectrum; ``None`` means the solver's default."""
+
+    k: int | None = None
+    extra: int = 0
+    tol: float | None = None
+    max_hvps: int | None = None
+    solver: str = "lanczos"
+    block_size: int | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    chunk_size: int = 1000
+    max_samples: int | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    train_mode: bool = False
+    hvp_method: str = "auto"
+    seed: int = 0
+
+
+@dataclass
+class SpectrumRun:
+    """A computed spectrum with what it cost and how it was made."""
+
+    result: EigenResult
+    layout: ParameterLayout
+    device: str
+    dtype: str
+    n_samples: int
+    hvp_method: str | None
+    settings: SpectrumSettings
+    warm_start: str | None = None
+    overlap_with_previous: float | None = None
+    extra_info: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU; an unavailable CUDA device is a usage error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {name} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"device {name} requested but only {torch.cuda.device_count()} CUDA devices exist"
+            )
+    elif device.type != "cpu":
+        raise UsageError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return torch.float64 if name == "float64" else torch.float32
+
+
+def hessian_operator(experiment: Experiment, settings: SpectrumSettings) -> HessianOperator:
+    """The full-training-set Hessian operator of an experiment under ``settings``."""
+    from subspace_cli.hessian import HessianOperator, select_parameters
+
+    assert experiment.data is not None
+    layout = select_parameters(experiment.model, settings.include, settings.exclude)
+    return HessianOperator(
+        experiment.model,
+        experiment.data,
+        experiment.loss,
+        layout=layout,
+        chunk_size=settings.chunk_size,
+        max_samples=settings.max_samples,
+        device=resolve_device(settings.device),
+        dtype=torch_dtype(settings.dtype),
+        train_mode=settings.train_mode,
+        method=settings.hvp_method,
+    )
+
+
+def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """Flip each row so that its largest-magnitude entry is positive (eigenvectors have no sign;
+    this makes stored results reproducible and comparable)."""
+    import torch
+
+    if vectors.shape[0] == 0:
+        return vectors
+    index = vectors.abs().argmax(dim=1, keepdim=True)
+    signs = torch.sign(vectors.gather(1, index))
+    signs[signs == 0] = 1
+    return vectors * signs
+
+
+def compute_spectrum(
+    experiment: Experiment,
+    settings: SpectrumSettings,
+    *,
+    init: torch.Tensor | None = None,
+    warm_start: str | None = None,
+    progress: Callable[[int, Any], None] | None = None,
+) -> SpectrumRun:
+    """Top-k (+ extra) eigenpairs of the Hessian of the full training loss at a checkpoint."""
+    from subspace_cli.eigensolver import arpack_eigenpairs, top_eigenpairs
+
+    if settings.solver not in SOLVERS:
+        raise UsageError(f"unknown solver {settings.solver!r}: choose one of {', '.join(SOLVERS)}")
+    assert experiment.data is not None
+    k = settings.k if settings.k is not None else experiment.data.num_classes
+    op = hessian_operator(experiment, settings)
+    if k + settings.extra > op.n_params:
+        raise UsageError(
+            f"k + extra = {k + settings.extra} exceeds the {op.n_params} selected parameters"
+        )
+    if settings.solver == "arpack":
+        result = arpack_eigenpairs(
+            op,
+            k,
+            extra=settings.extra,
+            tol=settings.tol,
+            max_hvps=settings.max_hvps,
+            init=init,
+            seed=settings.seed,
+        )
+    else:
+        result = top_eigenpairs(
+            op,
+            k,
+            extra=settings.extra,
+            tol=settings.tol,
+            max_hvps=settings.max_hvps,
+            init=init,
+            seed=settings.seed,
+            block_size=settings.block_size,
+            progress=progress,
+        )
+    result.eigenvectors = canonical_signs(result.eigenvectors)
+    return SpectrumRun(
+        result=result,
+        layout=op.layout,
+        device=str(op.device),
+        dtype=settings.dtype,
+        n_samples=op.n_samples,
+        hvp_method=op.method,
+        settings=settings,
+        warm_start=warm_start,
+    )
+
+
+def summary(run: SpectrumRun, experiment: Experiment) -> dict[str, Any]:
+    """The JSON object of one checkpoint's spectrum (see the README)."""
+    r = run.result
+    return {
+        "checkpoint": str(experiment.checkpoint.path),
+        "checkpoint_sha256": experiment.checkpoint.sha256(),
+        "k": r.k,
+        "extra": r.extra,
+        "eigenvalues": [float(v) for v in r.eigenvalues],
+        "residuals": [float(v) for v in r.residuals],
+        "converged": list(r.converged),
+        "tol": r.tol,
+        "hvp_count": r.hvp_count,
+        "seconds": round(r.seconds, 3),
+        "n_params": run.layout.n_params,
+        "n_samples": run.n_samples,
+        "loss": experiment.loss,
+        "mode": "train" if run.settings.train_mode else "eval",
+        "solver": r.solver,
+        "hvp_method": run.hvp_method,
+        "device": run.device,
+        "dtype": run.dtype,
+        "warm_start": run.warm_start,
+        "overlap_with_previous": run.overlap_with_previous,
+    }
+
+
+def to_stored(run: SpectrumRun, experiment: Experiment) -> Spectrum:
+    """The HDF5 record of a run, with full provenance (``docs/format.md``)."""
+    import numpy as np
+    import torch
+
+    from subspace_cli.store import Spectrum
+
+    r, spec, s = run.result, experiment.spec, run.settings
+    attrs: dict[str, Any] = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds"),
+        "model": spec.model,
+        "model_config": spec.model_config,
+        "data": spec.data,
+        "data_config": spec.data_config,
+        "loss": spec.loss,
+        "step": spec.step if spec.step is not None else -1,
+        "extra": r.extra,
+        "solver": r.solver,
+        "tol": r.tol,
+        "max_hvps": s.max_hvps if s.max_hvps is not None else -1,
+        "hvp_count": r.hvp_count,
+        "iterations": r.iterations,
+        "restarts": r.restarts,
+        "seconds": r.seconds,
+        "device": run.device,
+        "dtype": run.dtype,
+        "hvp_method": run.hvp_method or "",
+        "mode": "train" if s.train_mode else "eval",
+        "n_samples": run.n_samples,
+        "chunk_size": s.chunk_size,
+        "max_samples": s.max_samples if s.max_samples is not None else -1,
+        "params_include": list(s.include),
+        "params_exclude": list(s.exclude),
+        "seed": s.seed,
+        "warm_start": run.warm_start or "",
+        "torch_version": str(torch.__version__),
+        "subspace_version": __version__,
+        "command": shlex.join(["subspace", *sys.argv[1:]]),
+    }
+    return Spectrum(
+        checkpoint=str(experiment.checkpoint.path),
+        checkpoint_sha256=experiment.checkpoint.sha256(),
+        k=r.k,
+        eigenvalues=r.eigenvalues.detach().cpu().numpy().astype(np.float64),
+        eigenvectors=r.eigenvectors.detach().cpu().numpy(),
+        residuals=r.residuals.detach().cpu().numpy().astype(np.float64),
+        converged=np.asarray(r.converged, dtype=bool),
+        param_names=list(run.layout.names),
+        param_shapes=[tuple(shape) for shape in run.layout.shapes],
+        param_offsets=list(run.layout.offsets),
+        attrs=attrs,
+    )

@@ -1,0 +1,346 @@
+"""HessianOperator against dense float64 Hessians, and its guarantees about the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import CASES, TinyBatchNormNet, case_hessian, dense_hessian, make_data
+
+from subspace_cli.data import TrainingData
+from subspace_cli.errors import NumericalError, UsageError
+from subspace_cli.hessian import HessianOperator, ParameterLayout, select_parameters
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: one intra-op thread. OpenMP threads that spin-wait on a busy 2-core
+    machine made these tests up to 100 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def dense(case_id: str) -> torch.Tensor:
+    return case_hessian(case_id)
+
+
+def make_operator(case_id: str, **options: object) -> HessianOperator:
+    model_factory, data_factory, loss = CASES[case_id]
+    options.setdefault("dtype", torch.float64)
+    return HessianOperator(model_factory(), data_factory(), loss, **options)  # type: ignore[arg-type]
+
+
+def random_block(m: int, n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.fixture(params=sorted(CASES))
+def case_id(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.mark.parametrize("method", ["forward", "reverse"])
+def test_matmat_matches_dense_hessian(case_id: str, method: str) -> None:
+    hessian = dense(case_id)
+    op = make_operator(case_id, method=method, chunk_size=7)
+    vectors = random_block(3, op.n_params)
+    products = op.matmat(vectors)
+    assert products.dtype == torch.float64
+    torch.testing.assert_close(products, vectors @ hessian, rtol=1e-9, atol=1e-11)
+    assert op.method == method
+    assert op.hvp_count == 3
+
+
+def test_forward_over_reverse_equals_reverse_over_reverse(case_id: str) -> None:
+    vectors = random_block(4, make_operator(case_id).n_params, seed=1)
+    forward = make_operator(case_id, method="forward").matmat(vectors)
+    reverse = make_operator(case_id, method="reverse").matmat(vectors)
+    torch.testing.assert_close(forward, reverse, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_equals_unchunked() -> None:
+    vectors = random_block(2, make_operator("mlp-tanh/ce").n_params)
+    whole = make_operator("mlp-tanh/ce", chunk_size=10_000).matmat(vectors)
+    for chunk_size in (1, 5, 7):  # 24 samples: uneven last chunks too
+        chunked = make_operator("mlp-tanh/ce", chunk_size=chunk_size).matmat(vectors)
+        torch.testing.assert_close(chunked, whole, rtol=1e-11, atol=1e-13)
+
+
+def test_matmat_equals_matvec() -> None:
+    op = make_operator("cnn-2d/mse", method="reverse")
+    vectors = random_block(3, op.n_params)
+    block = op.matmat(vectors)
+    for vector, product in zip(vectors, block, strict=True):
+        torch.testing.assert_close(op.matvec(vector), product, rtol=1e-11, atol=1e-13)
+    assert op.hvp_count == 6
+
+
+def test_auto_measures_both_methods_and_keeps_one() -> None:
+    op = make_operator("mlp-relu/mse", method="auto")
+    assert op.method is None
+    vectors = random_block(2, op.n_params)
+    torch.testing.assert_close(op.matmat(vectors), vectors @ dense("mlp-relu/mse"))
+    assert op.method in ("forward", "reverse")
+    assert set(op.method_seconds) == {"forward", "reverse"}
+    assert op.hvp_count == 2  # the timing runs are not HVPs the caller asked for
+
+
+def test_max_samples_uses_only_the_first_samples() -> None:
+    model_factory, data_factory, loss = CASES["mlp-tanh/mse"]
+    data = data_factory()
+    assert data.x is not None and data.y is not None
+    first = TrainingData(num_classes=data.num_classes, x=data.x[:10], y=data.y[:10])
+    model = model_factory()
+    vectors = random_block(2, make_operator("mlp-tanh/mse").n_params)
+    capped = HessianOperator(model, data, loss, dtype=torch.float64, max_samples=10, chunk_size=4)
+    expected = vectors @ dense_hessian(model, first, loss)
+    torch.testing.assert_close(capped.matmat(vectors), expected)
+    assert capped.n_samples == 10
+    full = HessianOperator(model, data, loss, dtype=torch.float64).matmat(vectors)
+    assert not torch.allclose(full, expected)
+
+
+def test_float32_operator_works_in_float32() -> None:
+    op32 = make_operator("transformer/ce", dtype=torch.float32)
+    op64 = make_operator("transformer/ce")
+    vectors = random_block(2, op64.n_params)
+    products = op32.matmat(vectors)
+    assert products.dtype == torch.float32
+    torch.testing.assert_close(products.double(), op64.matmat(vectors), rtol=1e-4, atol=1e-5)
+
+
+def test_loss_and_gradient_match_autograd() -> None:
+    from subspace_cli.losses import loss_sum
+
+    model_factory, data_factory, loss = CASES["cnn-1d/ce"]
+    model, data = model_factory().double(), data_factory()
+    assert data.x is not None and data.y is not None
+    op = HessianOperator(model, data, loss, dtype=torch.float64, chunk_size=5)
+    mean_loss, gradient, accuracy = op.loss_and_gradient()
+    output = model(data.x.double())
+    expected = loss_sum(loss, output, data.y) / len(data)
+    expected.backward()
+    flat_grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert mean_loss == pytest.approx(expected.item(), rel=1e-12)
+    torch.testing.assert_close(gradient, flat_grad)
+    assert accuracy == pytest.approx(float((output.argmax(-1) == data.y).double().mean()))
+
+
+def test_to_scipy_is_a_float64_linear_operator() -> None:
+    op = make_operator("mlp-tanh/mse", dtype=torch.float32)
+    linear = op.to_scipy()
+    assert linear.shape == (op.n_params, op.n_params) and linear.dtype == np.float64
+    vector = np.random.default_rng(0).standard_normal(op.n_params)
+    expected = dense("mlp-tanh/mse").numpy() @ vector
+    result = linear.matvec(vector)
+    assert result.dtype == np.float64
+    np.testing.assert_allclose(result, expected, rtol=1e-4, atol=1e-5)
+    block = linear.matmat(np.stack([vector, 2 * vector], axis=1))
+    np.testing.assert_allclose(block[:, 1], 2 * result, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- parameter selection
+
+
+def test_select_parameters_with_include_and_exclude_globs() -> None:
+    model = CASES["mlp-tanh/mse"][0]()
+    everything = select_parameters(model)
+    assert everything.names == tuple(name for name, _ in model.named_parameters())
+    assert everything.n_params == sum(p.numel() for p in model.parameters())
+    weights = select_parameters(model, include=["*.weight"])
+    assert weights.names == ("fc1.weight", "fc2.weight", "head.weight")
+    no_head = select_parameters(model, include=["*"], exclude=["head.*"])
+    assert no_head.names == ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+    assert no_head.offsets == (0, 15, 20, 45)
+    assert no_head.sizes == (15, 5, 25, 5)
+    assert no_head.shapes[0] == (5, 3)
+
+
+def test_empty_selection_names_the_globs() -> None:
+    model = CASES["mlp-tanh/mse"][0]()
+    with pytest.raises(UsageError, match=r"conv\*.*fc1\.\*"):
+        select_parameters(model, include=["conv*"], exclude=["fc1.*"])
+    with pytest.raises(UsageError, match="no parameters selected"):
+        select_parameters(model, exclude=["*"])
+
+
+def test_layout_round_trip() -> None:
+    model = CASES["cnn-2d/mse"][0]()
+    layout = select_parameters(model)
+    params = dict(model.named_parameters())
+    flat = layout.flatten(params)
+    for name, tensor in layout.unflatten(flat).items():
+        assert torch.equal(tensor, params[name])
+    assert ParameterLayout.from_shapes([("a", (2, 3)), ("b", ())]).n_params == 7
+
+
+def test_unselected_parameters_stay_fixed() -> None:
+    model_factory, data_factory, loss = CASES["mlp-tanh/ce"]
+    model = model_factory()
+    layout = select_parameters(model, include=["fc2.*", "head.bias"])
+    op = HessianOperator(model, data_factory(), loss, layout=layout, dtype=torch.float64)
+    full = select_parameters(model)
+    index = torch.cat(
+        [
+            torch.arange(full.offsets[i], full.offsets[i] + full.sizes[i])
+            for i, name in enumerate(full.names)
+            if name in layout.names
+        ]
+    )
+    block = dense("mlp-tanh/ce")[index][:, index]
+    identity = torch.eye(op.n_params, dtype=torch.float64)
+    torch.testing.assert_close(op.matmat(identity), block, rtol=1e-9, atol=1e-11)
+
+
+# ---------------------------------------------------------------------- the model is not changed
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+@pytest.mark.parametrize("method", ["forward", "reverse", "auto"])
+def test_batchnorm_buffers_and_mode_are_untouched(train_mode: bool, method: str) -> None:
+    torch.manual_seed(0)
+    model = TinyBatchNormNet()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2.0)
+    model.train()
+    model.head.eval()  # a mixed state must come back as it was
+    before = snapshot(model)
+    data = make_data((3,), n=16)
+    op = HessianOperator(
+        model, data, "ce", dtype=torch.float64, train_mode=train_mode, method=method, chunk_size=8
+    )
+    op.matmat(random_block(3, op.n_params))
+    op.loss_and_gradient()
+    after = snapshot(model)
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    assert model.training and model.fc.training and model.bn.training and not model.head.training
+
+
+def test_batchnorm_train_mode_uses_batch_statistics() -> None:
+    torch.manual_seed(0)
+    model = TinyBatchNormNet()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+    data = make_data((3,), n=16)
+    vectors = random_block(2, select_parameters(model).n_params)
+    for train_mode in (False, True):
+        op = HessianOperator(model, data, "mse", dtype=torch.float64, train_mode=train_mode)
+        expected = vectors @ dense_hessian(model, data, "mse", train_mode=train_mode)
+        torch.testing.assert_close(op.matmat(vectors), expected)
+        torch.testing.assert_close(op.matmat(vectors), expected)  # stable across calls
+
+
+def test_model_mode_is_restored_after_an_error() -> None:
+    class Broken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise ValueError("broken model")
+
+    model = Broken().train()
+    op = HessianOperator(model, make_data((3,)), "ce", method="reverse")
+    with pytest.raises(ValueError, match="broken model"):
+        op.matvec(torch.ones(op.n_params))
+    assert model.training
+
+
+# ---------------------------------------------------------------------- errors
+
+
+class _Distances(torch.nn.Module):
+    """Uses torch.cdist, whose backward cannot be differentiated again (nor forward-mode AD)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.centres = torch.nn.Parameter(torch.randn(3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -torch.cdist(x, self.centres)
+
+
+@pytest.mark.parametrize("method", ["auto", "reverse", "forward"])
+def test_non_twice_differentiable_op_raises_numerical_error(method: str) -> None:
+    op = HessianOperator(_Distances(), make_data((3,)), "ce", method=method)
+    with pytest.raises(NumericalError, match="_cdist"):
+        op.matmat(torch.ones(2, op.n_params))
+
+
+class _NoForwardAD(torch.autograd.Function):
+    """Old-style custom function: double backward works, torch.func transforms do not."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+class _CubeNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _NoForwardAD.apply(self.fc(x))
+
+
+def test_auto_falls_back_to_reverse_without_forward_ad() -> None:
+    torch.manual_seed(0)
+    model, data = _CubeNet(), make_data((3,))
+    vectors = random_block(2, select_parameters(model).n_params)
+    op = HessianOperator(model, data, "mse", dtype=torch.float64)
+    products = op.matmat(vectors)
+    assert op.method == "reverse" and "forward" not in op.method_seconds
+    reference = HessianOperator(model, data, "mse", dtype=torch.float64, method="reverse")
+    torch.testing.assert_close(products, reference.matmat(vectors))
+
+
+def test_non_finite_products_raise() -> None:
+    class Exponential(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.exp(self.fc(x))
+
+    model = Exponential()
+    with torch.no_grad():
+        model.fc.weight.fill_(100.0)  # exp(100 · Σx) overflows float32
+    op = HessianOperator(model, make_data((3,)), "mse", method="reverse")
+    with pytest.raises(NumericalError, match="not finite"):
+        op.matmat(torch.ones(1, op.n_params))
+    with pytest.raises(NumericalError, match="not finite"):
+        op.loss_and_gradient()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"loss": "hinge"}, "unknown loss"),
+        ({"method": "magic"}, "unknown HVP method"),
+        ({"chunk_size": 0}, "chunk size"),
+        ({"max_samples": 0}, "max_samples"),
+        ({"dtype": torch.int64}, "floating"),
+    ],
+)
+def test_bad_options_are_usage_errors(options: dict[str, object], message: str) -> None:
+    arguments: dict[str, object] = {"loss": "mse"}
+    arguments.update(options)
+    loss = arguments.pop("loss")
+    with pytest.raises(UsageError, match=message):
+        HessianOperator(torch.nn.Linear(3, 3), make_data((3,)), loss, **arguments)  # type: ignore[arg-type]
