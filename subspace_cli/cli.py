@@ -17,6 +17,7 @@ from subspace_cli.errors import EXIT_INTERRUPTED, SubspaceError
 
 # name -> "module:attribute"; a command appears here only once it does real work.
 COMMANDS: dict[str, str] = {
+    "align": "subspace_cli.commands.align:align_command",
     "init": "subspace_cli.commands.init:init_command",
     "inspect": "subspace_cli.commands.inspect:inspect_command",
     "plugins": "subspace_cli.commands.plugins:plugins_command",
@@ -43,6 +44,7 @@ Exit codes:
 MAIN_EXAMPLES = """\b
 Examples:
   subspace spectrum sample_checkpoints/mlp_mnist1d.safetensors -o spectra.h5
+  subspace align sample_checkpoints/mlp_mnist1d.safetensors --eigenspace spectra.h5
   subspace inspect sample_checkpoints/mlp_mnist1d.safetensors
   subspace init --model mlp --data mnist1d -o start.safetensors
   subspace plugins --json
