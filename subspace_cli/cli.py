@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "init": "subspace_cli.commands.init:init_command",
     "inspect": "subspace_cli.commands.inspect:inspect_command",
     "plugins": "subspace_cli.commands.plugins:plugins_command",
+    "project-train": "subspace_cli.commands.project_train:project_train_command",
     "spectrum": "subspace_cli.commands.spectrum:spectrum_command",
 }
 

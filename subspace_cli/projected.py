@@ -1,0 +1,579 @@
+"""Training with every update projected onto the dominant subspace or the bulk.
+
+The library layer behind ``subspace project-train``. The base optimizer (SGD, momentum,
+Nesterov, Adam or SAM) computes its parameter update Δθ as usual; the update actually applied is
+
+* ``none``: Δθ
+* ``dom``:  P_k Δθ
+* ``bulk``: (I − P_k) Δθ
+* ``mix``:  a · P_k Δθ + b · (I − P_k) Δθ
+
+where P_k projects onto the top-k eigenvectors of the Hessian of the full training loss at the
+current parameters, recomputed every ``refresh_every`` steps (warm-started from the previous
+subspace). Optimizer state stays unprojected unless ``project_state`` is set (then momentum
+buffers and Adam's first moment are projected too; Adam's second moment is a per-coordinate
+scale, not a direction, and is left alone).
+
+Everything that decides the trajectory (parameters, optimizer state, the data order, the
+subspace used as the next warm start) is saved with each checkpoint, so a resumed run is
+bit-identical to an uninterrupted one on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from subspace_cli.data import TrainingData, iter_chunks
+from subspace_cli.errors import NumericalError, UsageError
+from subspace_cli.losses import correct_count, loss_sum
+
+if TYPE_CHECKING:
+    import torch
+
+    from subspace_cli.experiment import Experiment
+    from subspace_cli.hessian import ParameterLayout
+
+MODES = ("none", "dom", "bulk", "mix")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "sam")
+EMA_FACTOR = 0.9
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a projected run (stored as ``config.json``)."""
+
+    checkpoint: str
+    mode: str = "none"
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    batch_size: int | None = 50  # None: full-batch gradient descent
+    steps: int = 1000
+    k: int = 10
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    rho: float = 0.05
+    weight_decay: float = 0.0
+    seed: int = 0
+    dom_scale: float = 1.0
+    bulk_scale: float = 1.0
+    project_state: bool = False
+    refresh_every: int = 1
+    start_step: int = 0
+    start_when_aligned: float | None = None
+    log_every: int = 1
+    save_every: int = 100
+    tol: float | None = None
+    max_hvps: int | None = None
+    block_size: int | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    chunk_size: int = 1000
+    hvp_method: str = "auto"
+    train_mode_hessian: bool = False
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise UsageError(f"unknown mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(
+                f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}"
+            )
+        if self.k < 0:
+            raise UsageError(f"k must be non-negative, got {self.k}")
+        if self.lr <= 0:
+            raise UsageError(f"learning rate must be positive, got {self.lr}")
+        if self.start_when_aligned is not None and not 0 < self.start_when_aligned < 1:
+            raise UsageError("--start-when-aligned takes a threshold between 0 and 1")
+        for name in ("steps", "refresh_every", "log_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+# ---------------------------------------------------------------------------- projection
+
+
+def split(basis: torch.Tensor, vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P_k v, (I − P_k) v) for the orthonormal rows of ``basis``; they are orthogonal and sum
+    to v."""
+    if basis.shape[0] == 0:
+        return vector * 0, vector.clone()
+    dominant = (basis @ vector) @ basis
+    return dominant, vector - dominant
+
+
+def project(basis: torch.Tensor, vector: torch.Tensor, mode: str, a: float = 1.0,
+            b: float = 1.0) -> torch.Tensor:
+    """The update that ``mode`` keeps of ``vector``."""
+    if mode == "none":
+        return vector
+    dominant, bulk = split(basis, vector)
+    if mode == "dom":
+        return dominant
+    if mode == "bulk":
+        return bulk
+    return a * dominant + b * bulk
+
+
+# ---------------------------------------------------------------------------- optimizers
+
+
+class FlatOptimizer:
+    """The base optimizers on one flat parameter vector, returning the update Δθ.
+
+    Conventions follow ``torch.optim``: weight decay is added to the gradient (L2); momentum
+    keeps buf ← μ·buf + g and steps −η·buf (Nesterov: −η·(g + μ·buf)); Adam uses bias-corrected
+    moments and −η·m̂/(√v̂ + ε). SAM's ascent step is taken by the training loop; its base
+    update here is SGD's.
+    """
+
+    def __init__(self, config: TrainConfig, like: torch.Tensor) -> None:
+        import torch
+
+        self.config = config
+        self.state: dict[str, torch.Tensor] = {}
+        if config.optimizer in ("momentum", "nesterov"):
+            self.state["momentum_buffer"] = torch.zeros_like(like)
+        elif config.optimizer == "adam":
+            self.state["exp_avg"] = torch.zeros_like(like)
+            self.state["exp_avg_sq"] = torch.zeros_like(like)
+        self.state["step"] = torch.zeros((), dtype=torch.int64)
+
+    def update(self, theta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if c.weight_decay:
+            grad = grad + c.weight_decay * theta
+        self.state["step"] += 1
+        if c.optimizer in ("sgd", "sam"):
+            return -c.lr * grad
+        if c.optimizer in ("momentum", "nesterov"):
+            buf = self.state["momentum_buffer"]
+            buf.mul_(c.momentum).add_(grad)
+            direction = grad + c.momentum * buf if c.optimizer == "nesterov" else buf
+            return -c.lr * direction
+        t = int(self.state["step"])
+        m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
+        m.mul_(c.beta1).add_(grad, alpha=1 - c.beta1)
+        v.mul_(c.beta2).addcmul_(grad, grad, value=1 - c.beta2)
+        m_hat = m / (1 - c.beta1**t)
+        v_hat = v / (1 - c.beta2**t)
+        return -c.lr * m_hat / (v_hat.sqrt() + c.eps)
+
+    def project_state(self, basis: torch.Tensor) -> None:
+        """Project the direction-like state (momentum buffer, Adam's first moment)."""
+        c = self.config
+        for key in ("momentum_buffer", "exp_avg"):
+            if key in self.state:
+                self.state[key].copy_(
+                    project(basis, self.state[key], c.mode, c.dom_scale, c.bulk_scale)
+                )
+
+
+# ---------------------------------------------------------------------------- gradients
+
+
+def set_parameters(model: torch.nn.Module, layout: ParameterLayout, theta: torch.Tensor) -> None:
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in layout.unflatten(theta).items():
+            params[name].copy_(value)
+
+
+def loss_and_gradient(
+    model: torch.nn.Module,
+    layout: ParameterLayout,
+    data: TrainingData,
+    loss: str,
+    *,
+    chunk_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    indices: torch.Tensor | None = None,
+) -> tuple[float, torch.Tensor, float]:
+    """Mean loss, flat gradient and accuracy over ``data`` (or the samples at ``indices``),
+    in chunks, with the model in train mode (as in training)."""
+    import torch
+
+    if indices is not None:
+        x, y = data.take(indices)
+        data = TrainingData(num_classes=data.num_classes, x=x, y=y)
+    params = dict(model.named_parameters())
+    selected = [params[name] for name in layout.names]
+    total = torch.zeros(layout.n_params, device=device, dtype=dtype)
+    loss_total, correct, count = 0.0, 0, 0
+    was_training = model.training
+    model.train()
+    try:
+        for x, y in iter_chunks(data, chunk_size, None, device, dtype):
+            out = model(x)
+            chunk_loss = loss_sum(loss, out, y)
+            grads = torch.autograd.grad(chunk_loss, selected, allow_unused=True)
+            total += torch.cat([
+                (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                for g, p in zip(grads, selected, strict=True)
+            ])
+            loss_total += float(chunk_loss.detach())
+            correct += correct_count(out.detach(), y)
+            count += len(y)
+    finally:
+        model.train(was_training)
+    return loss_total / count, total / count, correct / count
+
+
+# ---------------------------------------------------------------------------- data order
+
+
+class BatchSampler:
+    """Mini-batches in epochs: a fresh permutation from a seeded generator whenever the
+    current one runs out. Its whole state is (generator state, order, cursor)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        import torch
+
+        if batch_size > n:
+            raise UsageError(f"batch size {batch_size} exceeds the {n} training samples")
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(n, generator=self.generator)
+        self.cursor = 0
+
+    def next(self) -> torch.Tensor:
+        import torch
+
+        if self.cursor + self.batch_size > self.n:
+            self.order = torch.randperm(self.n, generator=self.generator)
+            self.cursor = 0
+        batch = self.order[self.cursor : self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return batch
+
+    def state(self) -> dict[str, torch.Tensor]:
+        import torch
+
+        return {
+            "sampler.generator": self.generator.get_state(),
+            "sampler.order": self.order.clone(),
+            "sampler.cursor": torch.tensor(self.cursor, dtype=torch.int64),
+        }
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(tensors["sampler.generator"])
+        self.order = tensors["sampler.order"].clone()
+        self.cursor = int(tensors["sampler.cursor"])
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+@dataclass
+class StepLog:
+    """One row of ``run.h5`` (see docs/format.md)."""
+
+    step: int
+    train_loss: float
+    train_accuracy: float
+    minibatch_loss: float
+    chi: float
+    chi_update: float
+    sharpness: float
+    two_over_lr: float
+    update_dom_norm: float
+    update_bulk_norm: float
+    applied_update_norm: float
+    eta_dom: float
+    eta_bulk: float
+    chi_ema: float
+    projecting: bool
+    wall_time: float
+    hvps: int
+    eigenvalues: list[float]
+
+
+@dataclass
+class RefreshLog:
+    step: int
+    hvps: int
+    seconds: float
+    max_residual: float
+    all_converged: bool
+    overlap_previous: float
+    residuals: list[float]
+
+
+@dataclass
+class RunState:
+    """Mutable state that is saved with every checkpoint."""
+
+    step: int = 0
+    projecting: bool = False
+    switch_step: int = -1
+    chi_ema: float = float("nan")
+    basis_step: int = -1  # step at which `basis` was computed
+    hvps: int = 0
+    wall_time: float = 0.0
+    hvp_method: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> RunState:
+        return cls(**json.loads(text))
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else float("nan")
+
+
+class ProjectedTraining:
+    """Drives a run: steps, refreshes, logging and checkpointing callbacks."""
+
+    def __init__(self, config: TrainConfig, experiment: Experiment, *,
+                 on_log: Callable[[StepLog], None], on_refresh: Callable[[RefreshLog], None],
+                 on_save: Callable[[ProjectedTraining], None],
+                 progress: Callable[[ProjectedTraining, StepLog | None], None] | None = None
+                 ) -> None:
+        import torch
+
+        from subspace_cli.hessian import select_parameters
+        from subspace_cli.spectrum import resolve_device, torch_dtype
+
+        config.check()
+        assert experiment.data is not None
+        self.config = config
+        self.experiment = experiment
+        self.data = experiment.data
+        self.device = resolve_device(config.device)
+        self.dtype = torch_dtype(config.dtype)
+        self.model = experiment.model.to(self.device, self.dtype)
+        self.layout = select_parameters(self.model)
+        n = self.layout.n_params
+        if config.k > n:
+            raise UsageError(f"k = {config.k} exceeds the model's {n} parameters")
+        params = dict(self.model.named_parameters())
+        self.theta = self.layout.flatten(
+            {name: params[name].detach() for name in self.layout.names}).clone()
+        self.optimizer = FlatOptimizer(config, self.theta)
+        self.sampler = (BatchSampler(len(self.data), config.batch_size, config.seed)
+                        if config.batch_size is not None else None)
+        self.basis = torch.zeros((0, n), device=self.device, dtype=self.dtype)
+        self.eigenvalues = torch.zeros(0, dtype=torch.float64)
+        self.state = RunState()
+        self.on_log, self.on_refresh, self.on_save = on_log, on_refresh, on_save
+        self.progress = progress
+        self._started = time.perf_counter()
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"optimizer.{k}": v.detach().cpu() for k, v in self.optimizer.state.items()}
+        if self.sampler is not None:
+            tensors.update(self.sampler.state())
+        tensors["subspace.basis"] = self.basis.detach().cpu()
+        tensors["subspace.eigenvalues"] = self.eigenvalues.detach().cpu()
+        return tensors
+
+    def load_state(self, tensors: dict[str, torch.Tensor], state: RunState) -> None:
+        for key in list(self.optimizer.state):
+            self.optimizer.state[key] = tensors[f"optimizer.{key}"].to(
+                self.device, self.optimizer.state[key].dtype).clone()
+        if self.sampler is not None:
+            self.sampler.load(tensors)
+        self.basis = tensors["subspace.basis"].to(self.device, self.dtype).clone()
+        self.eigenvalues = tensors["subspace.eigenvalues"].clone()
+        self.state = state
+        self._started = time.perf_counter() - state.wall_time
+
+    # -- pieces ----------------------------------------------------------------------------
+
+    def _gradient(self, indices: torch.Tensor | None) -> tuple[float, torch.Tensor, float]:
+        set_parameters(self.model, self.layout, self.theta)
+        return loss_and_gradient(
+            self.model, self.layout, self.data, self.experiment.loss,
+            chunk_size=self.config.chunk_size, device=self.device, dtype=self.dtype,
+            indices=indices,
+        )
+
+    def _refresh(self) -> None:
+        """Recompute the top-k eigenspace at the current parameters (warm start)."""
+        import torch
+
+        from subspace_cli.eigensolver import subspace_overlap
+        from subspace_cli.spectrum import SpectrumSettings, compute_spectrum
+
+        c = self.config
+        if c.k == 0:  # the dominant subspace is {0}: P_0 = 0, the bulk is everything
+            self.state.basis_step = self.state.step
+            return
+        set_parameters(self.model, self.layout, self.theta)
+        method = self.state.hvp_method or c.hvp_method
+        settings = SpectrumSettings(
+            k=c.k, tol=c.tol, max_hvps=c.max_hvps, block_size=c.block_size, dtype=c.dtype,
+            device=str(self.device), chunk_size=c.chunk_size, train_mode=c.train_mode_hessian,
+            hvp_method=method, seed=c.seed,
+        )
+        init = self.basis if self.basis.shape[0] else None
+        run = compute_spectrum(self.experiment, settings, init=init)
+        self.state.hvp_method = run.hvp_method or method
+        new = run.result.eigenvectors.to(self.device, self.dtype)
+        overlap = subspace_overlap(self.basis, new) if self.basis.shape[0] else float("nan")
+        self.basis = new
+        self.eigenvalues = run.result.eigenvalues.detach().cpu().to(torch.float64)
+        self.state.basis_step = self.state.step
+        self.state.hvps += run.result.hvp_count
+        residuals = [float(r) for r in run.result.residuals]
+        self.on_refresh(RefreshLog(
+            step=self.state.step, hvps=run.result.hvp_count, seconds=run.result.seconds,
+            max_residual=max(residuals), all_converged=run.result.all_converged,
+            overlap_previous=overlap, residuals=residuals,
+        ))
+
+    def _needs_subspace(self, logging: bool) -> bool:
+        c, s = self.config, self.state
+        if c.k == 0 or (c.mode == "none" and not logging and c.start_when_aligned is None):
+            return False
+        due = s.basis_step < 0 or s.step - s.basis_step >= c.refresh_every
+        if not due:
+            return False
+        return s.projecting or logging or c.start_when_aligned is not None or (
+            c.mode != "none" and s.step >= c.start_step)
+
+    # -- one step --------------------------------------------------------------------------
+
+    def step(self) -> StepLog | None:
+        """θ_t → θ_{t+1}; returns the log row when step t is logged."""
+        import torch
+
+        c, s = self.config, self.state
+        logging = s.step % c.log_every == 0
+        if self._needs_subspace(logging):
+            self._refresh()
+
+        full_gradient = None
+        full_loss = full_acc = chi = float("nan")
+        if logging or c.start_when_aligned is not None or c.batch_size is None:
+            full_loss, full_gradient, full_acc = self._gradient(None)
+            if not math.isfinite(full_loss):
+                raise NumericalError(f"the full-batch training loss is {full_loss} at step {s.step}")
+            if c.k > 0 and self.basis.shape[0]:
+                from subspace_cli.alignment import alignment
+
+                chi = float(alignment(self.basis, full_gradient[None])[0])
+
+        if c.start_when_aligned is not None and not s.projecting and math.isfinite(chi):
+            s.chi_ema = chi if not math.isfinite(s.chi_ema) else (
+                EMA_FACTOR * s.chi_ema + (1 - EMA_FACTOR) * chi)
+            if s.chi_ema > c.start_when_aligned:
+                s.projecting, s.switch_step = True, s.step
+        elif c.start_when_aligned is None and not s.projecting and s.step >= c.start_step:
+            s.projecting, s.switch_step = c.mode != "none", s.step if c.mode != "none" else -1
+        if s.projecting and (s.basis_step < 0 or s.step - s.basis_step >= c.refresh_every):
+            self._refresh()
+
+        if c.batch_size is None:
+            indices = None
+            batch_loss, grad = full_loss, full_gradient
+        else:
+            indices = self.sampler.next()  # type: ignore[union-attr]
+            batch_loss, grad, _ = self._gradient(indices)
+        assert grad is not None
+        if not math.isfinite(batch_loss) or not bool(torch.isfinite(grad).all()):
+            raise NumericalError(f"the training loss is {batch_loss} at step {s.step}")
+        if c.optimizer == "sam":
+            norm = grad.norm()
+            if float(norm) > 0:
+                saved = self.theta
+                self.theta = saved + c.rho * grad / norm
+                _, grad, _ = self._gradient(indices)
+                self.theta = saved
+
+        delta = self.optimizer.update(self.theta, grad)
+        applied = project(self.basis, delta, c.mode, c.dom_scale, c.bulk_scale) if (
+            s.projecting) else delta
+        if s.projecting and c.project_state:
+            self.optimizer.project_state(self.basis)
+
+        row = None
+        if logging:
+            row = self._log_row(full_loss, full_acc, batch_loss, chi, full_gradient, delta,
+                                applied)
+        self.theta = self.theta + applied
+        if not bool(torch.isfinite(self.theta).all()):
+            raise NumericalError(f"the parameters are not finite after step {s.step}")
+        s.step += 1
+        s.wall_time = time.perf_counter() - self._started
+        return row
+
+    def _log_row(self, full_loss: float, full_acc: float, batch_loss: float, chi: float,
+                 g: torch.Tensor | None, delta: torch.Tensor, applied: torch.Tensor) -> StepLog:
+        import torch
+
+        from subspace_cli.alignment import alignment
+
+        c, s = self.config, self.state
+        k = c.k
+        values = [float(v) for v in self.eigenvalues[:k]]
+        values += [float("nan")] * (k - len(values))
+        have = self.basis.shape[0] > 0
+        dom, bulk = split(self.basis, delta) if have else (delta * float("nan"), delta)
+        eta_dom = eta_bulk = float("nan")
+        if g is not None and have:
+            g_dom, g_bulk = split(self.basis, g)
+            d = torch.float64
+            eta_dom = _ratio(-float(delta.to(d) @ g_dom.to(d)), float(g_dom.to(d).pow(2).sum()))
+            eta_bulk = _ratio(-float(delta.to(d) @ g_bulk.to(d)),
+                              float(g_bulk.to(d).pow(2).sum()))
+        return StepLog(
+            step=s.step,
+            train_loss=full_loss,
+            train_accuracy=full_acc,
+            minibatch_loss=batch_loss,
+            chi=chi,
+            chi_update=float(alignment(self.basis, delta[None])[0]) if have else float("nan"),
+            sharpness=values[0] if values else float("nan"),
+            two_over_lr=2.0 / c.lr,
+            update_dom_norm=float(dom.norm()),
+            update_bulk_norm=float(bulk.norm()),
+            applied_update_norm=float(applied.norm()),
+            eta_dom=eta_dom,
+            eta_bulk=eta_bulk,
+            chi_ema=s.chi_ema,
+            projecting=s.projecting,
+            wall_time=time.perf_counter() - self._started,
+            hvps=s.hvps,
+            eigenvalues=values,
+        )
+
+    def run(self, until: int) -> None:
+        """Train until ``state.step == until``, saving every ``save_every`` steps and at the end."""
+        c = self.config
+        while self.state.step < until:
+            row = self.step()
+            if row is not None:
+                self.on_log(row)
+            if self.progress is not None:
+                self.progress(self, row)
+            if self.state.step % c.save_every == 0 or self.state.step == until:
+                set_parameters(self.model, self.layout, self.theta)
+                self.on_save(self)
+
+
+def parameters_tensor_dict(training: ProjectedTraining) -> dict[str, Any]:
+    """The model's state_dict at the current θ (what a checkpoint stores)."""
+    set_parameters(training.model, training.layout, training.theta)
+    return {k: v.detach().cpu() for k, v in training.model.state_dict().items()}
+
+
+def run_path(run_dir: Path, step: int, state: bool = False) -> Path:
+    return run_dir / (f"step_{step:07d}.state.safetensors" if state
+                      else f"step_{step:07d}.safetensors")

@@ -1,0 +1,207 @@
+"""`subspace project-train`: projections, optimizers, switching, resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from plugin_fixtures import fake_plugin  # noqa: F401
+
+from subspace_cli import runlog
+from subspace_cli.checkpoint import ExperimentSpec, read_checkpoint, write_checkpoint
+from subspace_cli.cli import main
+from subspace_cli.projected import EMA_FACTOR, project, split
+
+N, D, C = 12, 3, 2
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def linear_checkpoint(path, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"weight": torch.randn(C, D, generator=g), "bias": torch.randn(C, generator=g)}
+    spec = ExperimentSpec("tiny", {"input_dim": D, "num_classes": C}, "toy", {"n": N}, "mse")
+    write_checkpoint(path, tensors, spec.to_metadata(step=100))
+    return tensors
+
+
+def flat(tensors):
+    return torch.cat([tensors["weight"].reshape(-1), tensors["bias"]]).double()
+
+
+def final_params(run_dir):
+    return flat(read_checkpoint(run_dir / "last.safetensors").tensors)
+
+
+def train(tmp_path, name, *args):
+    ckpt = tmp_path / "start.safetensors"
+    if not ckpt.exists():
+        linear_checkpoint(ckpt)
+    out = tmp_path / name
+    result = run("project-train", str(ckpt), "--out", str(out), "--dtype", "float64",
+                 "--json", *args)
+    assert result.exit_code == 0, result.stderr
+    return out, json.loads(result.stdout)
+
+
+def exact_problem(tensors):
+    """Full-batch gradient and Hessian eigenvectors of the quadratic loss, float64."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=gen).double().numpy()
+    y = (torch.arange(N) % C).numpy()
+    W, b = tensors["weight"].double().numpy(), tensors["bias"].double().numpy()
+    residual = x @ W.T + b - np.eye(C)[y]
+    gradient = np.concatenate([(residual.T @ x / N).reshape(-1), residual.mean(0)])
+    n = C * D + C
+    H = np.zeros((n, n))
+    for c in range(C):
+        w = slice(c * D, (c + 1) * D)
+        H[w, w] = x.T @ x / N
+        H[w, C * D + c] = H[C * D + c, w] = x.mean(0)
+        H[C * D + c, C * D + c] = 1.0
+    _, vectors = np.linalg.eigh(H)
+    return gradient, vectors[:, ::-1].T
+
+
+def test_split_is_orthogonal_and_complete():
+    basis = torch.linalg.qr(torch.randn(30, 4, dtype=torch.float64))[0].T
+    v = torch.randn(30, dtype=torch.float64)
+    dom, bulk = split(basis, v)
+    assert float(dom @ bulk) == pytest.approx(0.0, abs=1e-12)
+    torch.testing.assert_close(dom + bulk, v, rtol=0, atol=1e-14)
+    torch.testing.assert_close(project(basis, v, "mix", 2.0, 0.5), 2 * dom + 0.5 * bulk)
+    assert torch.equal(project(basis, v, "none"), v)
+
+
+def test_dom_full_rank_and_bulk_k0_match_none(tmp_path, fake_plugin):  # noqa: F811
+    common = ["--steps", "6", "--batch-size", "4", "--save-every", "3"]
+    none, _ = train(tmp_path, "none", "--mode", "none", "-k", "2", *common)
+    dom, summary = train(tmp_path, "dom", "--mode", "dom", "-k", str(C * D + C), *common)
+    bulk, _ = train(tmp_path, "bulk", "--mode", "bulk", "-k", "0", *common)
+    torch.testing.assert_close(final_params(dom), final_params(none), rtol=0, atol=1e-12)
+    assert torch.equal(final_params(bulk), final_params(none))
+    assert summary["switch_step"] == 0 and summary["logged_rows"] == 6
+
+
+def test_quadratic_dom_and_bulk_updates_exact(tmp_path, fake_plugin):  # noqa: F811
+    start = linear_checkpoint(tmp_path / "start.safetensors")
+    gradient, vectors = exact_problem(start)
+    P = vectors[:2].T @ vectors[:2]  # top eigenvalue has multiplicity C = 2: a unique subspace
+    theta = flat(start).numpy()
+    lr = 0.1
+    for mode, keep in (("dom", P), ("bulk", np.eye(len(theta)) - P)):
+        out, _ = train(tmp_path, mode, "--mode", mode, "-k", "2", "--steps", "1",
+                       "--batch-size", "full", "--lr", str(lr))
+        want = theta - lr * keep @ gradient
+        np.testing.assert_allclose(final_params(out).numpy(), want, rtol=0, atol=1e-9)
+        log = runlog.read(out / "run.h5")["log"]
+        norms = (np.linalg.norm(P @ gradient) * lr, np.linalg.norm(gradient - P @ gradient) * lr)
+        assert log["update_dom_norm"][0] == pytest.approx(norms[0], rel=1e-7)
+        assert log["update_bulk_norm"][0] == pytest.approx(norms[1], rel=1e-7)
+        assert log["eta_dom"][0] == pytest.approx(lr, rel=1e-7)  # plain GD: η_dom = η_bulk = η
+        assert log["eta_bulk"][0] == pytest.approx(lr, rel=1e-7)
+        assert log["two_over_lr"][0] == pytest.approx(2 / lr)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov", "adam", "sam"])
+def test_every_optimizer_runs(tmp_path, fake_plugin, optimizer):  # noqa: F811
+    out, summary = train(tmp_path, optimizer, "--mode", "bulk", "-k", "2", "--steps", "4",
+                         "--batch-size", "4", "--optimizer", optimizer, "--lr", "0.05")
+    log = runlog.read(out / "run.h5")["log"]
+    assert list(log["step"]) == [0, 1, 2, 3]
+    assert np.isfinite(log["train_loss"]).all() and np.isfinite(log["chi"]).all()
+    assert summary["optimizer"] == optimizer
+
+
+def test_adam_first_step_is_sign_like(tmp_path, fake_plugin):  # noqa: F811
+    start = linear_checkpoint(tmp_path / "start.safetensors")
+    gradient, _ = exact_problem(start)
+    out, _ = train(tmp_path, "adam", "--mode", "none", "-k", "0", "--steps", "1",
+                   "--batch-size", "full", "--optimizer", "adam", "--lr", "0.01")
+    want = flat(start).numpy() - 0.01 * gradient / (np.abs(gradient) + 1e-8)
+    np.testing.assert_allclose(final_params(out).numpy(), want, rtol=0, atol=1e-12)
+
+
+def test_start_when_aligned_switches_where_ema_crosses(tmp_path, fake_plugin):  # noqa: F811
+    probe, _ = train(tmp_path, "probe", "--mode", "dom", "-k", "2", "--steps", "12",
+                     "--batch-size", "4", "--lr", "0.05", "--start-when-aligned", "0.9999")
+    chi = runlog.read(probe / "run.h5")["log"]["chi"]
+    ema = [chi[0]]
+    for c in chi[1:]:
+        ema.append(EMA_FACTOR * ema[-1] + (1 - EMA_FACTOR) * c)
+    cross = next(t for t in range(1, len(ema)) if ema[t] > max(ema[:t]))
+    threshold = (max(ema[:cross]) + ema[cross]) / 2
+    out, summary = train(tmp_path, "switch", "--mode", "dom", "-k", "2", "--steps", "12",
+                         "--batch-size", "4", "--lr", "0.05", "--start-when-aligned",
+                         repr(float(threshold)))
+    assert summary["switch_step"] == cross
+    log = runlog.read(out / "run.h5")["log"]
+    assert list(log["projecting"]) == [t >= cross for t in range(12)]
+    np.testing.assert_allclose(log["chi_ema"][: cross + 1], ema[: cross + 1], rtol=1e-12)
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, fake_plugin):  # noqa: F811
+    ckpt = tmp_path / "start.safetensors"
+    linear_checkpoint(ckpt)
+    out = tmp_path / "diverge"
+    result = run("project-train", str(ckpt), "--out", str(out), "--mode", "none", "-k", "0",
+                 "--lr", "1000", "--batch-size", "full", "--steps", "500", "--save-every", "2")
+    assert result.exit_code == 1
+    assert "not finite" in result.stderr or "loss is" in result.stderr
+    assert "last good checkpoint" in result.stderr
+    assert torch.isfinite(final_params(out)).all()
+
+
+def test_existing_run_dir_is_refused(tmp_path, fake_plugin):  # noqa: F811
+    train(tmp_path, "once", "--steps", "1", "-k", "0", "--batch-size", "4")
+    again = run("project-train", str(tmp_path / "start.safetensors"), "--out",
+                str(tmp_path / "once"))
+    assert again.exit_code == 2 and "not empty" in again.stderr
+
+
+def _cli(args, env):
+    return subprocess.Popen([sys.executable, "-m", "subspace_cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path, fake_plugin):  # noqa: F811
+    ckpt = tmp_path / "start.safetensors"
+    linear_checkpoint(ckpt)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake_plugin),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    args = ["project-train", str(ckpt), "--mode", "bulk", "-k", "2", "--steps", "300",
+            "--batch-size", "4", "--save-every", "20", "--lr", "0.02", "--optimizer", "momentum"]
+    whole = _cli([*args, "--out", str(tmp_path / "whole")], env)
+    assert whole.wait(timeout=600) == 0, whole.stderr.read().decode()
+
+    victim = _cli([*args, "--out", str(tmp_path / "cut")], env)
+    marker = tmp_path / "cut" / "step_0000060.state.safetensors"
+    deadline = time.time() + 300
+    while not marker.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert victim.poll() is None, "the run finished before it could be killed"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "cut" / "step_0000300.safetensors").exists()
+
+    resumed = _cli(["project-train", "--resume", str(tmp_path / "cut")], env)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()
+    a = read_checkpoint(tmp_path / "whole" / "last.safetensors").tensors
+    b = read_checkpoint(tmp_path / "cut" / "last.safetensors").tensors
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    log_a = runlog.read(tmp_path / "whole" / "run.h5")["log"]
+    log_b = runlog.read(tmp_path / "cut" / "run.h5")["log"]
+    assert list(log_b["step"]) == list(range(300))  # no duplicated or missing rows
+    for name in log_a:
+        if name != "wall_time":
+            np.testing.assert_array_equal(log_a[name], log_b[name], err_msg=name)
