@@ -10,7 +10,7 @@ loosest tolerance whose answer is within 1e-6 of the reference.
 It also prints the batched HVP timings (forward-over-reverse vs reverse-over-reverse) for the
 MLP and a small CNN, and the float32 residual floor that sets the float32 default tolerance.
 
-    python benchmarks/solver_choice.py            # full table (~30 min on one CPU core)
+    python benchmarks/solver_choice.py            # full table (~15 min on one CPU core)
     python benchmarks/solver_choice.py --quick    # fewer variants
 """
 
