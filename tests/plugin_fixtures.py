@@ -55,3 +55,61 @@ def fake_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     yield root
     for name in ("fakeplug_mod", "fakeplug_broken"):
         sys.modules.pop(name, None)
+
+
+# The fake plugin's linear model on its toy data: with the mse loss the training loss is
+# quadratic, so its Hessian and gradient are known exactly.
+TOY_N, TOY_D, TOY_C = 12, 3, 2
+
+
+def run_cli(*args: str):
+    from click.testing import CliRunner
+
+    from subspace_cli.cli import main
+
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def linear_checkpoint(path, seed=0, step=None):
+    """A checkpoint of the fake plugin's linear model (float32 weights drawn with ``seed``)."""
+    import torch
+
+    from subspace_cli.checkpoint import ExperimentSpec, write_checkpoint
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        "weight": torch.randn(TOY_C, TOY_D, generator=g),
+        "bias": torch.randn(TOY_C, generator=g),
+    }
+    spec = ExperimentSpec(
+        "tiny", {"input_dim": TOY_D, "num_classes": TOY_C}, "toy", {"n": TOY_N}, "mse"
+    )
+    write_checkpoint(path, tensors, spec.to_metadata(step=seed if step is None else step))
+    return tensors
+
+
+def quadratic_problem(tensors):
+    """Eigenvalues (descending), eigenvectors (rows) and gradient of
+    L = (1/N) Σ ½‖W x + b − onehot(y)‖², in float64, for θ = (W row-major, b).
+
+    With x̃ = (x, 1), H = I_C ⊗ (1/N) Σ x̃ x̃ᵀ reordered to that layout.
+    """
+    import numpy as np
+    import torch
+
+    N, D, C = TOY_N, TOY_D, TOY_C
+    gen = torch.Generator().manual_seed(0)  # as the toy data plugin draws x
+    x = torch.randn(N, D, generator=gen).double().numpy()
+    y = (torch.arange(N) % C).numpy()
+    W, b = tensors["weight"].double().numpy(), tensors["bias"].double().numpy()
+    residual = x @ W.T + b - np.eye(C)[y]
+    gradient = np.concatenate([(residual.T @ x / N).reshape(-1), residual.mean(0)])
+    n = C * D + C
+    H = np.zeros((n, n))
+    for c in range(C):
+        w = slice(c * D, (c + 1) * D)
+        H[w, w] = x.T @ x / N
+        H[w, C * D + c] = H[C * D + c, w] = x.mean(0)
+        H[C * D + c, C * D + c] = 1.0
+    values, vectors = np.linalg.eigh(H)
+    return values[::-1], vectors[:, ::-1].T, gradient

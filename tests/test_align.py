@@ -7,52 +7,21 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from plugin_fixtures import fake_plugin  # noqa: F401
+from plugin_fixtures import (  # noqa: F401
+    TOY_C,
+    TOY_D,
+    TOY_N,
+    fake_plugin,
+    linear_checkpoint,
+    quadratic_problem,
+    run_cli,
+)
 
 from subspace_cli import store
 from subspace_cli.alignment import alignment, norm_split, summarize
-from subspace_cli.checkpoint import ExperimentSpec, write_checkpoint
-from subspace_cli.cli import main
 
-N, D, C = 12, 3, 2
-
-
-def run(*args):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
-def linear_checkpoint(path, seed=0):
-    """The fake plugin's linear model: with the mse loss the training loss is quadratic."""
-    g = torch.Generator().manual_seed(seed)
-    tensors = {"weight": torch.randn(C, D, generator=g), "bias": torch.randn(C, generator=g)}
-    spec = ExperimentSpec("tiny", {"input_dim": D, "num_classes": C}, "toy", {"n": N}, "mse")
-    write_checkpoint(path, tensors, spec.to_metadata(step=seed))
-    return tensors
-
-
-def exact(tensors):
-    """Hessian and gradient of L = (1/N) Σ ½‖W x + b − onehot(y)‖², in float64.
-
-    With x̃ = (x, 1) and θ = (W row-major, b), H = I_C ⊗ (1/N) Σ x̃ x̃ᵀ reordered to that layout.
-    """
-    gen = torch.Generator().manual_seed(0)  # the fake plugin's toy data
-    x = torch.randn(N, D, generator=gen).double().numpy()
-    y = (torch.arange(N) % C).numpy()
-    W, b = tensors["weight"].double().numpy(), tensors["bias"].double().numpy()
-    residual = x @ W.T + b - np.eye(C)[y]  # (N, C)
-    grad_w, grad_b = residual.T @ x / N, residual.mean(0)
-    gradient = np.concatenate([grad_w.reshape(-1), grad_b])
-    n = C * D + C
-    H = np.zeros((n, n))
-    xx, x1 = x.T @ x / N, x.mean(0)
-    for c in range(C):
-        w = slice(c * D, (c + 1) * D)
-        H[w, w] = xx
-        H[w, C * D + c] = H[C * D + c, w] = x1
-        H[C * D + c, C * D + c] = 1.0
-    values, vectors = np.linalg.eigh(H)
-    return values[::-1], vectors[:, ::-1].T, gradient
+N, D, C = TOY_N, TOY_D, TOY_C
+run = run_cli
 
 
 def test_chi_of_eigenvector_and_orthogonal_vector():
@@ -79,7 +48,7 @@ def test_summary_statistics():
 def test_quadratic_loss_every_number_exact(tmp_path, fake_plugin):  # noqa: F811
     path = tmp_path / "lin.safetensors"
     tensors = linear_checkpoint(path)
-    values, vectors, gradient = exact(tensors)
+    values, vectors, gradient = quadratic_problem(tensors)
     result = run(
         "align",
         str(path),

@@ -12,27 +12,22 @@ import time
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from plugin_fixtures import fake_plugin  # noqa: F401
+from plugin_fixtures import (  # noqa: F401
+    TOY_C,
+    TOY_D,
+    TOY_N,
+    fake_plugin,
+    quadratic_problem,
+    run_cli,
+)
+from plugin_fixtures import linear_checkpoint as _linear_checkpoint
 
 from subspace_cli import runlog
-from subspace_cli.checkpoint import ExperimentSpec, read_checkpoint, write_checkpoint
-from subspace_cli.cli import main
+from subspace_cli.checkpoint import read_checkpoint
 from subspace_cli.projected import EMA_FACTOR, project, split
 
-N, D, C = 12, 3, 2
-
-
-def run(*args):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
-def linear_checkpoint(path, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tensors = {"weight": torch.randn(C, D, generator=g), "bias": torch.randn(C, generator=g)}
-    spec = ExperimentSpec("tiny", {"input_dim": D, "num_classes": C}, "toy", {"n": N}, "mse")
-    write_checkpoint(path, tensors, spec.to_metadata(step=100))
-    return tensors
+N, D, C = TOY_N, TOY_D, TOY_C
+run = run_cli
 
 
 def flat(tensors):
@@ -43,34 +38,26 @@ def final_params(run_dir):
     return flat(read_checkpoint(run_dir / "last.safetensors").tensors)
 
 
+def linear_checkpoint(path, seed=0):
+    return _linear_checkpoint(path, seed, step=100)
+
+
 def train(tmp_path, name, *args):
     ckpt = tmp_path / "start.safetensors"
     if not ckpt.exists():
         linear_checkpoint(ckpt)
     out = tmp_path / name
-    result = run("project-train", str(ckpt), "--out", str(out), "--dtype", "float64",
-                 "--json", *args)
+    result = run(
+        "project-train", str(ckpt), "--out", str(out), "--dtype", "float64", "--json", *args
+    )
     assert result.exit_code == 0, result.stderr
     return out, json.loads(result.stdout)
 
 
 def exact_problem(tensors):
-    """Full-batch gradient and Hessian eigenvectors of the quadratic loss, float64."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(N, D, generator=gen).double().numpy()
-    y = (torch.arange(N) % C).numpy()
-    W, b = tensors["weight"].double().numpy(), tensors["bias"].double().numpy()
-    residual = x @ W.T + b - np.eye(C)[y]
-    gradient = np.concatenate([(residual.T @ x / N).reshape(-1), residual.mean(0)])
-    n = C * D + C
-    H = np.zeros((n, n))
-    for c in range(C):
-        w = slice(c * D, (c + 1) * D)
-        H[w, w] = x.T @ x / N
-        H[w, C * D + c] = H[C * D + c, w] = x.mean(0)
-        H[C * D + c, C * D + c] = 1.0
-    _, vectors = np.linalg.eigh(H)
-    return gradient, vectors[:, ::-1].T
+    """Full-batch gradient and Hessian eigenvectors (rows) of the quadratic loss."""
+    _, vectors, gradient = quadratic_problem(tensors)
+    return gradient, vectors
 
 
 def test_split_is_orthogonal_and_complete():
@@ -100,8 +87,20 @@ def test_quadratic_dom_and_bulk_updates_exact(tmp_path, fake_plugin):  # noqa: F
     theta = flat(start).numpy()
     lr = 0.1
     for mode, keep in (("dom", P), ("bulk", np.eye(len(theta)) - P)):
-        out, _ = train(tmp_path, mode, "--mode", mode, "-k", "2", "--steps", "1",
-                       "--batch-size", "full", "--lr", str(lr))
+        out, _ = train(
+            tmp_path,
+            mode,
+            "--mode",
+            mode,
+            "-k",
+            "2",
+            "--steps",
+            "1",
+            "--batch-size",
+            "full",
+            "--lr",
+            str(lr),
+        )
         want = theta - lr * keep @ gradient
         np.testing.assert_allclose(final_params(out).numpy(), want, rtol=0, atol=1e-9)
         log = runlog.read(out / "run.h5")["log"]
@@ -115,8 +114,22 @@ def test_quadratic_dom_and_bulk_updates_exact(tmp_path, fake_plugin):  # noqa: F
 
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov", "adam", "sam"])
 def test_every_optimizer_runs(tmp_path, fake_plugin, optimizer):  # noqa: F811
-    out, summary = train(tmp_path, optimizer, "--mode", "bulk", "-k", "2", "--steps", "4",
-                         "--batch-size", "4", "--optimizer", optimizer, "--lr", "0.05")
+    out, summary = train(
+        tmp_path,
+        optimizer,
+        "--mode",
+        "bulk",
+        "-k",
+        "2",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--optimizer",
+        optimizer,
+        "--lr",
+        "0.05",
+    )
     log = runlog.read(out / "run.h5")["log"]
     assert list(log["step"]) == [0, 1, 2, 3]
     assert np.isfinite(log["train_loss"]).all() and np.isfinite(log["chi"]).all()
@@ -126,24 +139,65 @@ def test_every_optimizer_runs(tmp_path, fake_plugin, optimizer):  # noqa: F811
 def test_adam_first_step_is_sign_like(tmp_path, fake_plugin):  # noqa: F811
     start = linear_checkpoint(tmp_path / "start.safetensors")
     gradient, _ = exact_problem(start)
-    out, _ = train(tmp_path, "adam", "--mode", "none", "-k", "0", "--steps", "1",
-                   "--batch-size", "full", "--optimizer", "adam", "--lr", "0.01")
+    out, _ = train(
+        tmp_path,
+        "adam",
+        "--mode",
+        "none",
+        "-k",
+        "0",
+        "--steps",
+        "1",
+        "--batch-size",
+        "full",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.01",
+    )
     want = flat(start).numpy() - 0.01 * gradient / (np.abs(gradient) + 1e-8)
     np.testing.assert_allclose(final_params(out).numpy(), want, rtol=0, atol=1e-12)
 
 
 def test_start_when_aligned_switches_where_ema_crosses(tmp_path, fake_plugin):  # noqa: F811
-    probe, _ = train(tmp_path, "probe", "--mode", "dom", "-k", "2", "--steps", "12",
-                     "--batch-size", "4", "--lr", "0.05", "--start-when-aligned", "0.9999")
+    probe, _ = train(
+        tmp_path,
+        "probe",
+        "--mode",
+        "dom",
+        "-k",
+        "2",
+        "--steps",
+        "12",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.05",
+        "--start-when-aligned",
+        "0.9999",
+    )
     chi = runlog.read(probe / "run.h5")["log"]["chi"]
     ema = [chi[0]]
     for c in chi[1:]:
         ema.append(EMA_FACTOR * ema[-1] + (1 - EMA_FACTOR) * c)
     cross = next(t for t in range(1, len(ema)) if ema[t] > max(ema[:t]))
     threshold = (max(ema[:cross]) + ema[cross]) / 2
-    out, summary = train(tmp_path, "switch", "--mode", "dom", "-k", "2", "--steps", "12",
-                         "--batch-size", "4", "--lr", "0.05", "--start-when-aligned",
-                         repr(float(threshold)))
+    out, summary = train(
+        tmp_path,
+        "switch",
+        "--mode",
+        "dom",
+        "-k",
+        "2",
+        "--steps",
+        "12",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.05",
+        "--start-when-aligned",
+        repr(float(threshold)),
+    )
     assert summary["switch_step"] == cross
     log = runlog.read(out / "run.h5")["log"]
     assert list(log["projecting"]) == [t >= cross for t in range(12)]
@@ -154,8 +208,24 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, fake_plugin):
     ckpt = tmp_path / "start.safetensors"
     linear_checkpoint(ckpt)
     out = tmp_path / "diverge"
-    result = run("project-train", str(ckpt), "--out", str(out), "--mode", "none", "-k", "0",
-                 "--lr", "1000", "--batch-size", "full", "--steps", "500", "--save-every", "2")
+    result = run(
+        "project-train",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--mode",
+        "none",
+        "-k",
+        "0",
+        "--lr",
+        "1000",
+        "--batch-size",
+        "full",
+        "--steps",
+        "500",
+        "--save-every",
+        "2",
+    )
     assert result.exit_code == 1
     assert "not finite" in result.stderr or "loss is" in result.stderr
     assert "last good checkpoint" in result.stderr
@@ -164,23 +234,46 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, fake_plugin):
 
 def test_existing_run_dir_is_refused(tmp_path, fake_plugin):  # noqa: F811
     train(tmp_path, "once", "--steps", "1", "-k", "0", "--batch-size", "4")
-    again = run("project-train", str(tmp_path / "start.safetensors"), "--out",
-                str(tmp_path / "once"))
+    again = run(
+        "project-train", str(tmp_path / "start.safetensors"), "--out", str(tmp_path / "once")
+    )
     assert again.exit_code == 2 and "not empty" in again.stderr
 
 
 def _cli(args, env):
-    return subprocess.Popen([sys.executable, "-m", "subspace_cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "subspace_cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path, fake_plugin):  # noqa: F811
     ckpt = tmp_path / "start.safetensors"
     linear_checkpoint(ckpt)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake_plugin),
-                                                         os.environ.get("PYTHONPATH", "")])}
-    args = ["project-train", str(ckpt), "--mode", "bulk", "-k", "2", "--steps", "300",
-            "--batch-size", "4", "--save-every", "20", "--lr", "0.02", "--optimizer", "momentum"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(fake_plugin), os.environ.get("PYTHONPATH", "")]),
+    }
+    args = [
+        "project-train",
+        str(ckpt),
+        "--mode",
+        "bulk",
+        "-k",
+        "2",
+        "--steps",
+        "300",
+        "--batch-size",
+        "4",
+        "--save-every",
+        "20",
+        "--lr",
+        "0.02",
+        "--optimizer",
+        "momentum",
+    ]
     whole = _cli([*args, "--out", str(tmp_path / "whole")], env)
     assert whole.wait(timeout=600) == 0, whole.stderr.read().decode()
 
