@@ -603,6 +603,12 @@ def report(case: Case, outcomes: dict[str, list[dict[str, Any]]], reference: Any
             f"# reaching max rel. error ≤ {TARGET:g}: fewest HVPs {fewest[0]} ({fewest[1]:g}),"
             f" least time {quickest[0]} ({quickest[2]:.1f} s)"
         )
+        ours = [item for item in accurate if item[0] == "ours"]
+        if ours:
+            print(
+                f"# ours: {ours[0][1] / fewest[1]:.2f}× the fewest HVPs,"
+                f" {ours[0][2] / quickest[2]:.2f}× the least time"
+            )
     else:
         print(f"# no tool reached max rel. error ≤ {TARGET:g}")
     for tool, runs in outcomes.items():
