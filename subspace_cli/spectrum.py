@@ -150,28 +150,17 @@ def compute_spectrum(
         raise UsageError(
             f"k + extra = {k + settings.extra} exceeds the {op.n_params} selected parameters"
         )
+    common = {
+        "extra": settings.extra,
+        "tol": settings.tol,
+        "max_hvps": settings.max_hvps,
+        "init": init,
+        "seed": settings.seed,
+    }
     if settings.solver == "arpack":
-        result = arpack_eigenpairs(
-            op,
-            k,
-            extra=settings.extra,
-            tol=settings.tol,
-            max_hvps=settings.max_hvps,
-            init=init,
-            seed=settings.seed,
-        )
+        result = arpack_eigenpairs(op, k, **common)
     else:
-        result = top_eigenpairs(
-            op,
-            k,
-            extra=settings.extra,
-            tol=settings.tol,
-            max_hvps=settings.max_hvps,
-            init=init,
-            seed=settings.seed,
-            block_size=settings.block_size,
-            progress=progress,
-        )
+        result = top_eigenpairs(op, k, block_size=settings.block_size, progress=progress, **common)
     result.eigenvectors = canonical_signs(result.eigenvectors)
     return SpectrumRun(
         result=result,

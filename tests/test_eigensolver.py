@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from tiny_models import CASES, case_hessian
+from tiny_models import CASES, case_hessian, single_thread  # noqa: F401
 
 from subspace_cli.eigensolver import (
     EigenResult,
@@ -19,16 +19,6 @@ from subspace_cli.errors import UsageError
 from subspace_cli.hessian import HessianOperator
 
 K, EXTRA = 3, 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread. OpenMP threads that spin-wait on a busy 2-core
-    machine made these tests up to 100 times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class DenseOperator:

@@ -5,21 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import CASES, TinyBatchNormNet, case_hessian, dense_hessian, make_data
+from tiny_models import (  # noqa: F401
+    CASES,
+    TinyBatchNormNet,
+    case_hessian,
+    dense_hessian,
+    make_data,
+    single_thread,
+)
 
 from subspace_cli.data import TrainingData
 from subspace_cli.errors import NumericalError, UsageError
 from subspace_cli.hessian import HessianOperator, ParameterLayout, select_parameters
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread. OpenMP threads that spin-wait on a busy 2-core
-    machine made these tests up to 100 times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def dense(case_id: str) -> torch.Tensor:
