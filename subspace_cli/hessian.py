@@ -190,6 +190,8 @@ class HessianOperator:
 
     Attributes:
         hvp_count: Single-vector products applied so far (a product with m vectors counts m).
+        probe_hvps: Extra work of the ``method="auto"`` probe, in full-HVP equivalents (each
+            method runs three times on the first chunk; all runs but the one kept are extra).
         method_seconds: With ``method="auto"``, the measured seconds per method on the first
             chunk (empty until measured; a method that raised has no entry).
     """
@@ -231,6 +233,7 @@ class HessianOperator:
         if self.n_samples == 0:
             raise UsageError("the training set is empty")
         self.hvp_count = 0
+        self.probe_hvps = 0.0
         self.method_seconds: dict[str, float] = {}
         self._method: str | None = None if method == "auto" else method
         self._batched_reverse = True
@@ -411,6 +414,9 @@ class HessianOperator:
                 timings[name].append(time.perf_counter() - start)
         self.method_seconds = {name: min(seconds) for name, seconds in timings.items() if seconds}
         self._method = min(results, key=lambda name: self.method_seconds.get(name, 0.0))
+        # Every chunk product but the one kept is extra work, in full-HVP equivalents.
+        runs = len(candidates) + sum(len(t) for t in timings.values()) - 1
+        self.probe_hvps = runs * vectors.shape[0] * x.shape[0] / self.n_samples
         return results[self._method]
 
     def _forward_hvp(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,7 @@ class SpectrumRun:
     settings: SpectrumSettings
     warm_start: str | None = None
     overlap_with_previous: float | None = None
+    probe_hvps: float = 0.0
     extra_info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -171,6 +172,7 @@ def compute_spectrum(
         hvp_method=op.method,
         settings=settings,
         warm_start=warm_start,
+        probe_hvps=op.probe_hvps,
     )
 
 
@@ -187,6 +189,7 @@ def summary(run: SpectrumRun, experiment: Experiment) -> dict[str, Any]:
         "converged": list(r.converged),
         "tol": r.tol,
         "hvp_count": r.hvp_count,
+        "hvp_probe_extra": round(run.probe_hvps, 3),
         "seconds": round(r.seconds, 3),
         "n_params": run.layout.n_params,
         "n_samples": run.n_samples,
@@ -222,6 +225,7 @@ def to_stored(run: SpectrumRun, experiment: Experiment) -> Spectrum:
         "tol": r.tol,
         "max_hvps": s.max_hvps if s.max_hvps is not None else -1,
         "hvp_count": r.hvp_count,
+        "hvp_probe_extra": run.probe_hvps,
         "iterations": r.iterations,
         "restarts": r.restarts,
         "seconds": r.seconds,

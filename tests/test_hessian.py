@@ -82,6 +82,9 @@ def test_auto_measures_both_methods_and_keeps_one() -> None:
     assert op.method in ("forward", "reverse")
     assert set(op.method_seconds) == {"forward", "reverse"}
     assert op.hvp_count == 2  # the timing runs are not HVPs the caller asked for
+    # ...but they are reported: 2 methods x 3 runs on the first chunk, one kept, 2 vectors
+    assert op.probe_hvps == pytest.approx(5 * 2 * min(op.chunk_size, op.n_samples) / op.n_samples)
+    assert make_operator("mlp-relu/mse", method="reverse").probe_hvps == 0.0
 
 
 def test_max_samples_uses_only_the_first_samples() -> None:
@@ -302,6 +305,7 @@ def test_auto_falls_back_to_reverse_without_forward_ad() -> None:
     op = HessianOperator(model, data, "mse", dtype=torch.float64)
     products = op.matmat(vectors)
     assert op.method == "reverse" and "forward" not in op.method_seconds
+    assert op.probe_hvps == pytest.approx(1 * 2)  # the failed forward attempt; reverse is kept
     reference = HessianOperator(model, data, "mse", dtype=torch.float64, method="reverse")
     torch.testing.assert_close(products, reference.matmat(vectors))
 

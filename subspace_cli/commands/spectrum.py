@@ -361,8 +361,10 @@ def render(record: dict[str, Any]) -> None:
         f"{record['mode']} mode, {record['dtype']} on {record['device']}"
     )
     emit_table(rows, headers=["i", "λ_i", "residual", "converged"], title=title)
+    probe = (f"; timing it against the other method cost {record['hvp_probe_extra']:.1f} more"
+             if record["hvp_probe_extra"] else "")
     cost = (
-        f"{record['hvp_count']} HVPs ({record['hvp_method']}), {record['seconds']:.2f} s, "
+        f"{record['hvp_count']} HVPs ({record['hvp_method']}{probe}), {record['seconds']:.2f} s, "
         f"tol {record['tol']:g}, {record['solver']}"
     )
     if record["warm_start"]:
