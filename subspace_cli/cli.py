@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "subspace_cli.commands.inspect:inspect_command",
     "plugins": "subspace_cli.commands.plugins:plugins_command",
     "project-train": "subspace_cli.commands.project_train:project_train_command",
+    "report": "subspace_cli.commands.report:report_command",
     "spectrum": "subspace_cli.commands.spectrum:spectrum_command",
 }
 

@@ -22,12 +22,16 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def emit_json(obj: Any, *, lines: bool = False) -> None:
-    """Write ``obj`` to stdout as JSON (one compact line with ``lines``), flushing at once."""
-    text = json.dumps(
+def json_text(obj: Any, *, lines: bool = False) -> str:
+    """``obj`` as JSON text (one compact line with ``lines``); NaN becomes null, ±inf a string."""
+    return json.dumps(
         _jsonable(obj), separators=(",", ":") if lines else None, indent=None if lines else 2
     )
-    click.echo(text)
+
+
+def emit_json(obj: Any, *, lines: bool = False) -> None:
+    """Write ``obj`` to stdout as JSON (one compact line with ``lines``), flushing at once."""
+    click.echo(json_text(obj, lines=lines))
     sys.stdout.flush()
 
 

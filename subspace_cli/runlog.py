@@ -119,7 +119,9 @@ def read(path: Path) -> dict[str, Any]:
 
     if not path.exists():
         raise InputError(f"{path}: no such file")
-    with h5py.File(path, "r") as f:
+    # No file lock: a reader (subspace report) must never make a running trainer's next append
+    # fail. A file caught mid-append raises here and the caller falls back to run.h5.bak.
+    with h5py.File(path, "r", locking=False) as f:
         if f.attrs.get("format") != FORMAT_NAME:
             raise InputError(f"{path} is not a {FORMAT_NAME} file")
         major = int(str(f.attrs.get("format_version", "0")).split(".")[0])

@@ -162,7 +162,8 @@ def start_run(checkpoint: Path, run_dir: Path, overrides: Any, *, steps: int, k:
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = experiment.spec
     stored = {"config": dataclasses.asdict(config), "command": _command(),
-              "spec": dataclasses.asdict(spec), "start_step": spec.step or 0}
+              "spec": dataclasses.asdict(spec), "start_step": spec.step or 0,
+              "start_sha256": experiment.checkpoint.sha256()}
     (run_dir / "config.json").write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
     from subspace_cli import runlog
 

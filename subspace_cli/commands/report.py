@@ -1,0 +1,149 @@
+"""``subspace report``: tables and plots of project-train runs and spectra files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from subspace_cli.commands.common import (
+    Outcome,
+    examples,
+    is_quiet,
+    output_options,
+    wants_traceback,
+)
+
+FORMATS = ("table", "markdown", "csv", "json")
+
+
+@click.command(
+    "report",
+    epilog=examples("""
+  subspace report runs/none runs/dom runs/bulk -o report/
+  subspace report runs/ --format markdown        # every run directory below runs/
+  subspace report spectra.h5 -o report/ --plot-format png
+  subspace report runs/* --format csv > runs.csv
+"""),
+)
+@click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the plots, summary.csv, summary.json and report.md (created if absent; "
+    "only files of those names are replaced). Without it, only the table is printed.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="table",
+    show_default=True,
+    help="Format of the summary printed on stdout (--json is --format json).",
+)
+@click.option(
+    "--plot-format",
+    "plot_formats",
+    type=click.Choice(["png", "svg"]),
+    multiple=True,
+    help="Image formats of the plots (repeatable) [default: png and svg].",
+)
+@output_options
+@click.pass_context
+def report_command(ctx: click.Context, inputs: tuple[str, ...], out_dir: Path | None, fmt: str,
+                   plot_formats: tuple[str, ...], as_json: bool) -> None:
+    """Summarise project-train runs and spectra files in tables and plots.
+
+    INPUTS are run directories (or their run.h5), spectra files, directories
+    holding either (searched recursively) and glob patterns. Runs that start
+    from the same checkpoint form a group, compared with that group's
+    unprojected (--mode none) run. With -o, the plots are written as PNG and
+    SVG: training loss (log scale), χ_k, the top eigenvalues with 2/η, η_dom and
+    η_bulk against step, and each spectra file's eigenvalues and alignment
+    against batch size. A plot whose quantities no input has is skipped with a
+    note. Reading a run that is still training is safe.
+    """
+    from subspace_cli import report
+    from subspace_cli.errors import SubspaceError, UsageError
+    from subspace_cli.output import emit_json, say
+
+    if as_json:
+        fmt = "json"
+    quiet = is_quiet(ctx)
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir} exists and is not a directory")
+
+    runs: list[report.Run] = []
+    entries: list[report.SpectraEntry] = []
+    failures = 0
+    expanded = report.expand(inputs)
+    for arg, items, error in expanded:
+        try:
+            if error is not None:
+                raise UsageError(error)
+            assert items is not None
+            for kind, path in items:
+                if kind == "run":
+                    runs.append(report.load_run(path))
+                else:
+                    entries.extend(report.load_spectra(path))
+        except SubspaceError as exc:
+            if wants_traceback(ctx):
+                raise
+            failures += 1
+            message = str(exc)
+            click.echo(f"error: {message if message.startswith(arg) else f'{arg}: {message}'}",
+                       err=True)
+    outcome = Outcome(len(expanded), failures, "input")
+    if not runs and not entries:
+        outcome.exit(ctx)
+        raise UsageError("nothing to report")
+
+    notes: list[str] = [note for run in runs for note in run.notes]
+
+    def note(text: str) -> None:
+        notes.append(text)
+
+    report.assign_labels(runs)
+    groups = report.group_runs(runs)
+    summaries = {run.path: report.summarize(run) for run in runs}
+    report.compare_within_groups(groups, summaries)
+    spectra = [report.summarize_spectra(e) for e in entries]
+    ordered = [summaries[run.path] for group in groups for run in group]
+
+    plots: list[Path] = []
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plots = report.write_plots(out_dir, groups, entries, plot_formats or report.PLOT_FORMATS,
+                                   note)
+        payload = _payload(ordered, spectra, plots, notes)
+        report.write_text(out_dir / "summary.csv",
+                          report.render_tables("csv", groups, summaries, spectra))
+        report.write_text(out_dir / "summary.json", _json_text(payload))
+        report.write_text(out_dir / "report.md", report.markdown_report(
+            report.render_tables("markdown", groups, summaries, spectra), plots, out_dir, notes))
+    elif not quiet:
+        say("no plots written: give -o DIR for the plots, summary.csv, summary.json and report.md")
+
+    if not quiet:
+        for text in notes:
+            say(f"note: {text}")
+    if fmt == "json":
+        emit_json(_payload(ordered, spectra, plots, notes))
+    else:
+        click.echo(report.render_tables(fmt, groups, summaries, spectra), nl=False)
+    outcome.exit(ctx)
+
+
+def _payload(runs: list[dict[str, Any]], spectra: list[dict[str, Any]], plots: list[Path],
+             notes: list[str]) -> dict[str, Any]:
+    return {"runs": runs, "spectra": spectra, "plots": [str(p) for p in plots], "notes": notes}
+
+
+def _json_text(payload: dict[str, Any]) -> str:
+    from subspace_cli.output import json_text
+
+    return json_text(payload) + "\n"
