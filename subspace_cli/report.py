@@ -458,22 +458,17 @@ def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 
 
 
 def _colors(runs: Sequence[Run]) -> dict[Path, Any]:
-    """One colour per method, stable across plots: SGD black, Dom red, Bulk blue, Mix green."""
+    """One colour per run, stable across plots: by method (SGD black, Dom red, Bulk blue, Mix
+    green) when each mode occurs once, else a qualitative palette so that runs of one mode
+    (optimizers, learning rates, k) stay apart."""
     from matplotlib import colormaps
 
-    base = {"none": "Greys", "dom": "Reds", "bulk": "Blues", "mix": "Greens"}
-    counts: dict[str, int] = {}
-    for run in runs:
-        counts[run.config["mode"]] = counts.get(run.config["mode"], 0) + 1
-    seen: dict[str, int] = {}
-    out = {}
-    for run in runs:
-        mode = run.config["mode"]
-        i, n = seen.get(mode, 0), counts[mode]
-        seen[mode] = i + 1
-        shade = 0.85 if n == 1 else 0.5 + 0.45 * i / (n - 1)
-        out[run.path] = colormaps[base.get(mode, "Purples")](shade)
-    return out
+    modes = [run.config["mode"] for run in runs]
+    if len(set(modes)) == len(modes):
+        fixed = {"none": "#222222", "dom": "#b2182b", "bulk": "#2166ac", "mix": "#1b7837"}
+        return {run.path: fixed.get(run.config["mode"], "#762a83") for run in runs}
+    palette = colormaps["tab10"]
+    return {run.path: palette(i % 10) for i, run in enumerate(runs)}
 
 
 def _rolling(values: np.ndarray, window: int) -> np.ndarray:

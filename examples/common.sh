@@ -1,0 +1,13 @@
+# Sourced by the example scripts: strict mode, the output folder, and a timer.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+SAMPLES=sample_checkpoints
+fresh_dir() {  # fresh_dir DIR: refuse to mix with the results of an earlier run
+  if [ -e "$1" ]; then
+    echo "error: $1 exists; remove it (or set OUT=another/folder) to run the experiment again" >&2
+    exit 2
+  fi
+  mkdir -p "$1"
+}
+SECONDS=0
+finish() { echo "done in ${SECONDS} s; plots and tables in $1" >&2; }
