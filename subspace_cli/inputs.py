@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-_GLOB_CHARS = set("*?[")
+GLOB_CHARS = set("*?[")
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def expand_inputs(args: Sequence[str], pattern: str = "*.safetensors") -> list[I
             add(arg, matches)
         elif path.exists():
             add(arg, [path])
-        elif _GLOB_CHARS & set(arg):
+        elif GLOB_CHARS & set(arg):
             matches = sorted(Path(m) for m in glob.glob(arg, recursive=True) if Path(m).is_file())
             if not matches:
                 out.append(Input(arg, None, f"pattern {arg} matched no files"))

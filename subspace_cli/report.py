@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 
 from subspace_cli.errors import InputError
+from subspace_cli.inputs import GLOB_CHARS, Input
 
 MODE_ORDER = {"none": 0, "dom": 1, "bulk": 2, "mix": 3}
 OPTIMIZER_NAMES = {"sgd": "SGD", "momentum": "SGD+M", "nesterov": "Nesterov", "adam": "Adam",
                    "sam": "SAM"}
 PLOT_FORMATS = ("png", "svg")
-_GLOB_CHARS = set("*?[")
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -95,18 +95,19 @@ def _h5_format(path: Path) -> str | None:
     return None if value is None else str(value)
 
 
-def classify(path: Path) -> list[tuple[str, Path]]:
-    """What an input holds: ``[("run", run_dir)]``, ``[("spectra", file)]``, or for a directory
-    of runs, every run directory and spectra file below it (sorted)."""
+def classify(path: Path) -> list[Path]:
+    """What an input holds: a run directory, a spectra file, or for a directory of runs every
+    run directory and spectra file below it (sorted). Directories returned are runs, files are
+    spectra files."""
     if path.is_dir():
         if (path / "run.h5").exists():
-            return [("run", path)]
-        found: list[tuple[str, Path]] = []
+            return [path]
+        found: list[Path] = []
         for candidate in sorted(path.rglob("*.h5")):
             if candidate.name == "run.h5":
-                found.append(("run", candidate.parent))
+                found.append(candidate.parent)
             elif _h5_format(candidate) == "subspace-spectra":
-                found.append(("spectra", candidate))
+                found.append(candidate)
         if not found:
             raise InputError(f"{path}: no run directory (with run.h5) or spectra file below it")
         return found
@@ -114,39 +115,36 @@ def classify(path: Path) -> list[tuple[str, Path]]:
         raise InputError(f"{path}: no such file or directory")
     kind = _h5_format(path)
     if kind == "subspace-run":
-        return [("run", path.parent)]
+        return [path.parent]
     if kind == "subspace-spectra":
-        return [("spectra", path)]
+        return [path]
     raise InputError(
         f"{path} is neither a project-train run nor a spectra file (HDF5 format attribute {kind!r})"
     )
 
 
-def expand(args: Sequence[str]) -> list[tuple[str, list[tuple[str, Path]] | None, str | None]]:
-    """Each argument (globs expanded) as ``(arg, items, error)``, in order, without duplicates."""
-    out: list[tuple[str, list[tuple[str, Path]] | None, str | None]] = []
-    seen: set[tuple[str, Path]] = set()
+def expand(args: Sequence[str]) -> list[Input]:
+    """Each argument (globs expanded) as run directories and spectra files, in order, without
+    duplicates; an argument that yields nothing becomes an input carrying the reason."""
+    out: list[Input] = []
+    seen: set[Path] = set()
     for arg in args:
         paths = [Path(arg)]
-        if not Path(arg).exists() and _GLOB_CHARS & set(arg):
+        if not Path(arg).exists() and GLOB_CHARS & set(arg):
             paths = [Path(m) for m in sorted(glob.glob(arg, recursive=True))]
             if not paths:
-                out.append((arg, None, f"pattern {arg} matched nothing"))
+                out.append(Input(arg, None, f"pattern {arg} matched nothing"))
                 continue
         for path in paths:
             try:
                 items = classify(path)
             except InputError as exc:
-                out.append((str(path), None, str(exc)))
+                out.append(Input(str(path), None, str(exc)))
                 continue
-            fresh = []
-            for kind, item in items:
-                key = (kind, item.resolve())
-                if key not in seen:
-                    seen.add(key)
-                    fresh.append((kind, item))
-            if fresh:
-                out.append((str(path), fresh, None))
+            for item in items:
+                if item.resolve() not in seen:
+                    seen.add(item.resolve())
+                    out.append(Input(str(path), item))
     return out
 
 
@@ -197,23 +195,13 @@ def _checkpoint_sha256(path: Path) -> str | None:
 
 def load_spectra(path: Path) -> list[SpectraEntry]:
     """Every spectrum of a spectra file, with its full-Hessian alignment subgroup if any."""
-    import h5py
-
     from subspace_cli import store
 
-    entries = []
-    for s in store.iter_spectra(path):
-        alignment = None
-        with h5py.File(path, "r", locking=False) as f:
-            if s.group in f and "alignment" in f[s.group]:
-                sub = f[s.group]["alignment"]
-                alignment = ({k: store._decode(v) for k, v in sub.attrs.items()},
-                             {k: sub[k][()] for k in sub})
-        entries.append(SpectraEntry(
-            file=path, checkpoint=s.checkpoint, k=s.k, eigenvalues=np.asarray(s.eigenvalues),
-            residuals=np.asarray(s.residuals), converged=np.asarray(s.converged, dtype=bool),
-            attrs=s.attrs, alignment=alignment))
-    return entries
+    alignments = store.read_subgroups(path, "alignment")
+    return [SpectraEntry(
+        file=path, checkpoint=s.checkpoint, k=s.k, eigenvalues=np.asarray(s.eigenvalues),
+        residuals=np.asarray(s.residuals), converged=np.asarray(s.converged, dtype=bool),
+        attrs=s.attrs, alignment=alignments.get(s.group)) for s in store.iter_spectra(path)]
 
 
 # ------------------------------------------------------------------------------- summaries
@@ -262,9 +250,9 @@ def _mean(values: np.ndarray) -> float | None:
     return float(finite.mean()) if finite.size else None
 
 
-def _last_finite(values: np.ndarray) -> tuple[float | None, int | None]:
-    index = np.flatnonzero(np.isfinite(values))
-    return (float(values[index[-1]]), int(index[-1])) if index.size else (None, None)
+def _last_finite(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(finite[-1]) if finite.size else None
 
 
 def summarize(run: Run) -> dict[str, Any]:
@@ -273,7 +261,7 @@ def summarize(run: Run) -> dict[str, Any]:
     n = run.rows
     projecting = log["projecting"].astype(bool) if n else np.zeros(0, dtype=bool)
     after = projecting if projecting.any() else np.ones(n, dtype=bool)
-    sharpness, _ = _last_finite(log["sharpness"]) if n else (None, None)
+    sharpness = _last_finite(log["sharpness"]) if n else None
     return {
         "run": str(run.path),
         "label": run.label or run.base_label,
@@ -506,12 +494,12 @@ def _save(fig: Any, out_dir: Path, stem: str, formats: Sequence[str]) -> list[Pa
     return written
 
 
-def _per_group_axes(groups: Sequence[Sequence[Run]]) -> tuple[Any, list[Any]]:
-    cols = min(len(groups), 3)
-    rows = math.ceil(len(groups) / cols)
-    fig, axes = _figure(cols, rows)
+def _grid(panels: int, width: float = 6.4, height: float = 4.4) -> tuple[Any, list[Any]]:
+    """A figure with ``panels`` axes, at most three to a row; unused axes hidden."""
+    cols = min(panels, 3)
+    fig, axes = _figure(cols, math.ceil(panels / cols), width, height)
     flat = list(axes.flat)
-    for ax in flat[len(groups):]:
+    for ax in flat[panels:]:
         ax.set_visible(False)
     return fig, flat
 
@@ -542,7 +530,7 @@ def _log_axis(ax: Any) -> None:
 
 def plot_loss(groups: Sequence[Sequence[Run]], colors: dict[Path, Any]) -> Any:
     """Full-batch training loss (log scale) against step: the paper's Figure 1."""
-    fig, axes = _per_group_axes(groups)
+    fig, axes = _grid(len(groups))
     for ax, group in zip(axes, groups, strict=False):
         for run in group:
             loss = run.log["train_loss"]
@@ -565,7 +553,7 @@ def plot_chi(groups: Sequence[Sequence[Run]], colors: dict[Path, Any]) -> Any | 
     """χ_k of the full-batch gradient against step; None when no run logged χ."""
     if not any(np.isfinite(r.log["chi"]).any() for g in groups for r in g):
         return None
-    fig, axes = _per_group_axes(groups)
+    fig, axes = _grid(len(groups))
     for ax, group in zip(axes, groups, strict=False):
         for run in group:
             chi = run.log["chi"]
@@ -589,13 +577,8 @@ def plot_eigenvalues(runs: Sequence[Run], colors: dict[Path, Any]) -> Any | None
     have = [r for r in runs if r.rows and np.isfinite(r.log["eigenvalues"]).any()]
     if not have:
         return None
-    cols = min(len(have), 3)
-    rows = math.ceil(len(have) / cols)
-    fig, axes = _figure(cols, rows, width=5.2, height=3.8)
-    flat = list(axes.flat)
-    for ax in flat[len(have):]:
-        ax.set_visible(False)
-    for ax, run in zip(flat, have, strict=False):
+    fig, axes = _grid(len(have), width=5.2, height=3.8)
+    for ax, run in zip(axes, have, strict=False):
         steps, values = run.log["step"], run.log["eigenvalues"]
         for i in range(values.shape[1] - 1, -1, -1):
             ok = np.isfinite(values[:, i])

@@ -208,8 +208,23 @@ def read_subgroup(
     with _open(p, "r") as f:
         if key not in f or name not in f[key]:
             return None
-        sub = f[key][name]
-        return ({k: _decode(v) for k, v in sub.attrs.items()}, {k: sub[k][()] for k in sub})
+        return _read_subgroup(f[key][name])
+
+
+def read_subgroups(
+    path: str | os.PathLike[str], name: str
+) -> dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    """The result subgroup ``name`` of every group that has one, keyed by group name (as
+    :attr:`Spectrum.group`), read in one pass over the file."""
+    import h5py
+
+    with _open(Path(path), "r") as f:
+        return {group: _read_subgroup(f[group][name]) for group in f
+                if isinstance(f[group], h5py.Group) and name in f[group]}
+
+
+def _read_subgroup(sub: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    return ({k: _decode(v) for k, v in sub.attrs.items()}, {k: sub[k][()] for k in sub})
 
 
 def _write_group(g: Any, s: Spectrum) -> None:

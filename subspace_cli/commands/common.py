@@ -112,15 +112,17 @@ def for_each_input(
     handle: Callable[[Any], None],
     *,
     noun: str = "checkpoint",
+    expand: Callable[[Sequence[str]], Sequence[Any]] | None = None,
 ) -> Outcome:
     """Call ``handle(path)`` for every input expanded from ``args``; a bad one does not stop the rest.
 
-    Each failure is one line on stderr. Render the collected results, then call
-    :meth:`Outcome.exit` for the exit code.
+    ``expand`` turns the arguments into :class:`~subspace_cli.inputs.Input` items (default:
+    checkpoint files, :func:`~subspace_cli.inputs.expand_inputs`). Each failure is one line on
+    stderr. Render the collected results, then call :meth:`Outcome.exit` for the exit code.
     """
     from subspace_cli.inputs import expand_inputs
 
-    inputs = expand_inputs(args)
+    inputs = (expand or expand_inputs)(args)
     if not inputs:
         raise UsageError(f"no {noun} given")
     failures = 0

@@ -7,13 +7,7 @@ from typing import Any
 
 import click
 
-from subspace_cli.commands.common import (
-    Outcome,
-    examples,
-    is_quiet,
-    output_options,
-    wants_traceback,
-)
+from subspace_cli.commands.common import examples, for_each_input, is_quiet, output_options
 
 FORMATS = ("table", "markdown", "csv", "json")
 
@@ -67,46 +61,28 @@ def report_command(ctx: click.Context, inputs: tuple[str, ...], out_dir: Path | 
     note. Reading a run that is still training is safe.
     """
     from subspace_cli import report
-    from subspace_cli.errors import SubspaceError, UsageError
+    from subspace_cli.errors import UsageError
     from subspace_cli.output import emit_json, say
 
     if as_json:
         fmt = "json"
     quiet = is_quiet(ctx)
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{out_dir} exists and is not a directory")
 
     runs: list[report.Run] = []
     entries: list[report.SpectraEntry] = []
-    failures = 0
-    expanded = report.expand(inputs)
-    for arg, items, error in expanded:
-        try:
-            if error is not None:
-                raise UsageError(error)
-            assert items is not None
-            for kind, path in items:
-                if kind == "run":
-                    runs.append(report.load_run(path))
-                else:
-                    entries.extend(report.load_spectra(path))
-        except SubspaceError as exc:
-            if wants_traceback(ctx):
-                raise
-            failures += 1
-            message = str(exc)
-            click.echo(f"error: {message if message.startswith(arg) else f'{arg}: {message}'}",
-                       err=True)
-    outcome = Outcome(len(expanded), failures, "input")
+
+    def load(path: Path) -> None:
+        if path.is_dir():
+            runs.append(report.load_run(path))
+        else:
+            entries.extend(report.load_spectra(path))
+
+    outcome = for_each_input(ctx, inputs, load, noun="input", expand=report.expand)
     if not runs and not entries:
         outcome.exit(ctx)
         raise UsageError("nothing to report")
 
     notes: list[str] = [note for run in runs for note in run.notes]
-
-    def note(text: str) -> None:
-        notes.append(text)
-
     report.assign_labels(runs)
     groups = report.group_runs(runs)
     summaries = {run.path: report.summarize(run) for run in runs}
@@ -118,7 +94,7 @@ def report_command(ctx: click.Context, inputs: tuple[str, ...], out_dir: Path | 
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         plots = report.write_plots(out_dir, groups, entries, plot_formats or report.PLOT_FORMATS,
-                                   note)
+                                   notes.append)
         payload = _payload(ordered, spectra, plots, notes)
         report.write_text(out_dir / "summary.csv",
                           report.render_tables("csv", groups, summaries, spectra))
