@@ -7,8 +7,9 @@ variant: HVPs, wall time and max relative eigenvalue error. Every variant is run
 tolerances, because a user picks a tolerance, not an HVP count; the cost "to 1e-6" is that of the
 loosest tolerance whose answer is within 1e-6 of the reference.
 
-It also prints the batched HVP timings (forward-over-reverse vs reverse-over-reverse) for the
-MLP and a small CNN, and the float32 residual floor that sets the float32 default tolerance.
+It also prints the HVP timings of the four methods (forward- and reverse-over-reverse, batched
+or one vector at a time) for the MLP and a small CNN, and the float32 residual floor that sets
+the float32 default tolerance.
 
     python benchmarks/solver_choice.py            # full table (~15 min on one CPU core)
     python benchmarks/solver_choice.py --quick    # fewer variants
@@ -79,13 +80,13 @@ def train(model: torch.nn.Module, data: TrainingData, loss: str, steps: int, lr:
 
 
 def hvp_timings(model: torch.nn.Module, data: TrainingData, loss: str, label: str) -> None:
-    print(f"\n## batched HVP timings, {label} (ms per HVP, min of 3 after a warm-up)")
+    print(f"\n## HVP timings, {label} (ms per HVP, min of 3 after a warm-up)")
     print("| dtype | method | m=1 | m=4 | m=10 | auto picks |")
     print("|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.float64):
         auto = HessianOperator(model, data, loss, dtype=dtype)
         auto.matmat(torch.randn(4, auto.n_params))
-        for method in ("forward", "reverse"):
+        for method in ("forward", "reverse", "forward-loop", "reverse-loop"):
             op = HessianOperator(model, data, loss, dtype=dtype, method=method)
             cells = []
             for m in (1, 4, 10):

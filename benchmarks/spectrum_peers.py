@@ -199,9 +199,9 @@ def _count_our_products() -> list[float]:
     for name in ("_forward_hvp", "_reverse_hvp"):
         original = getattr(HessianOperator, name)
 
-        def counted(self, x, y, vectors, _original=original):  # type: ignore[no-untyped-def]
+        def counted(self, x, y, vectors, _original=original, **options):  # type: ignore[no-untyped-def]
             counter[0] += vectors.shape[0] * x.shape[0] / self.n_samples
-            return _original(self, x, y, vectors)
+            return _original(self, x, y, vectors, **options)
 
         setattr(HessianOperator, name, counted)
     return counter

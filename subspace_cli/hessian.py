@@ -10,18 +10,22 @@ activations (times the number of vectors). Each chunk contributes the *sum* of i
 Hessian-vector products; the sums and the sample count are reduced once at the end, so chunks
 are weighted by their size and the result is the full-data Hessian, not a mini-batch one.
 
-Two exact batched Hessian-vector products are implemented:
+Two exact Hessian-vector products are implemented, each for a block of m vectors at once
+(batched) or one vector at a time (``-loop``):
 
 ``forward`` (forward-over-reverse)
     ``vmap`` over ``jvp(grad(loss), (θ,), (v,))`` with ``functional_call``: one forward pass
-    carrying m tangents.
+    carrying m tangents. ``forward-loop`` calls the ``jvp`` once per vector.
 ``reverse`` (reverse-over-reverse)
     one double-backward graph per chunk, differentiated for all m vectors at once with
     ``autograd.grad(..., is_grads_batched=True)`` (a loop with ``retain_graph`` where an op
-    cannot be vmapped).
+    cannot be vmapped). ``reverse-loop`` differentiates the same graph once per vector.
 
-``method="auto"`` times both on the first product and keeps the faster; an op without forward
-AD makes it fall back to ``reverse``.
+All four compute the same products; they differ in speed only. Batching is not always faster:
+on a CPU core ``reverse-loop`` was up to 3.3x faster than the best batched form on the sample
+checkpoints (``benchmarks/hvp_methods.py``); on a GPU the batched forms may win (unmeasured).
+``method="auto"`` times all four on the first product and keeps the fastest; an op without
+forward AD makes it fall back to the reverse forms.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -50,8 +54,11 @@ __all__ = [
     "select_parameters",
 ]
 
+#: Samples of the first chunk that the ``method="auto"`` probe warms each method up on.
+_PROBE_WARMUP_SAMPLES = 32
+
 #: Accepted values of ``HessianOperator(method=...)``.
-HVP_METHODS = ("auto", "forward", "reverse")
+HVP_METHODS = ("auto", "forward", "reverse", "forward-loop", "reverse-loop")
 
 
 @dataclass(frozen=True)
@@ -184,16 +191,19 @@ class HessianOperator:
         train_mode: Evaluate the model in train mode. Buffers are never updated either way.
             BatchNorm then normalises with the statistics of each chunk, so the Hessian depends
             on ``chunk_size``; dropout would make every product random.
-        method: ``"forward"`` (forward-over-reverse), ``"reverse"`` (reverse-over-reverse) or
-            ``"auto"`` (time both on the first product, keep the faster). The choice is timing
-            dependent; pass it explicitly when bitwise-reproducible products matter.
+        method: ``"forward"`` (forward-over-reverse), ``"reverse"`` (reverse-over-reverse),
+            each batched over the vectors or, with ``-loop``, one vector at a time; or
+            ``"auto"`` (time all four on the first product, keep the fastest). The choice is
+            timing dependent; pass it explicitly when bitwise-reproducible products matter.
 
     Attributes:
         hvp_count: Single-vector products applied so far (a product with m vectors counts m).
-        probe_hvps: Extra work of the ``method="auto"`` probe, in full-HVP equivalents (each
-            method runs three times on the first chunk; all runs but the one kept are extra).
+        probe_hvps: Extra work of the ``method="auto"`` probe, in full-HVP equivalents (every
+            chunk product of the probe but the one kept, see :meth:`_choose_method`).
         method_seconds: With ``method="auto"``, the measured seconds per method on the first
-            chunk (empty until measured; a method that raised has no entry).
+            chunk (empty until measured; a method that raised or was not tried has no entry).
+        probe_runs: With ``method="auto"``, the timed whole-chunk products of the probe (0
+            before it ran; 1 when only one method could run).
     """
 
     def __init__(
@@ -234,6 +244,7 @@ class HessianOperator:
             raise UsageError("the training set is empty")
         self.hvp_count = 0
         self.probe_hvps = 0.0
+        self.probe_runs = 0
         self.method_seconds: dict[str, float] = {}
         self._method: str | None = None if method == "auto" else method
         self._batched_reverse = True
@@ -268,7 +279,7 @@ class HessianOperator:
 
     @property
     def method(self) -> str | None:
-        """The batched HVP method in use; ``None`` while ``"auto"`` has not measured yet."""
+        """The HVP method in use; ``None`` while ``"auto"`` has not measured yet."""
         return self._method
 
     @property
@@ -376,60 +387,118 @@ class HessianOperator:
         """Sum over the chunk's samples of the per-sample Hessian applied to each row."""
         if self._method is None:
             return self._choose_method(x, y, vectors)
-        hvp = self._forward_hvp if self._method == "forward" else self._reverse_hvp
         try:
-            return hvp(x, y, vectors)
+            return self._hvp(self._method, x, y, vectors)
         except (RuntimeError, NotImplementedError) as error:
             raise self._differentiation_error(error, self._method) from error
+
+    def _hvp(
+        self, method: str, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor
+    ) -> torch.Tensor:
+        mode, _, loop = method.partition("-")
+        hvp = self._forward_hvp if mode == "forward" else self._reverse_hvp
+        return hvp(x, y, vectors, batched=not loop)
 
     def _choose_method(
         self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor
     ) -> torch.Tensor:
-        """Time both methods on the first chunk and keep the faster.
+        """Time the HVP methods on the first chunk and keep the fastest.
 
-        Each method runs once to warm up (allocator, kernels, the ``is_grads_batched`` probe),
-        then twice more, interleaved so that a load spike on a shared machine hits both; the
-        faster of the two timed runs counts. A method that raises is out of the race.
+        1. Warm-up (kernels, the ``is_grads_batched`` probe) and failure check: each method runs
+           on the chunk's first ``_PROBE_WARMUP_SAMPLES`` samples and at most two vectors. A
+           method that raises is out of the race; when the error names a missing derivative,
+           so is the other form of its AD mode (it uses the same ops).
+        2. Each method left runs once, timed, on the whole chunk and all vectors (a method that
+           raises now, e.g. out of memory with m vectors, is dropped too).
+        3. The two fastest, and any other within 1.5x of the best, run once more, interleaved
+           so that a load spike on a shared machine hits them alike; each keeps its faster run.
+
+        With a single vector, batched and looped forms do the same work, so only the ``-loop``
+        forms race. The kept method's last result is returned; every other product (counted in
+        vectors x samples) is extra work, reported in full-HVP equivalents as ``probe_hvps``.
         """
-        candidates: dict[str, Callable[..., torch.Tensor]] = {
-            "forward": self._forward_hvp,
-            "reverse": self._reverse_hvp,
-        }
-        results: dict[str, torch.Tensor] = {}
+        m, chunk = vectors.shape[0], x.shape[0]
+        warm = min(chunk, _PROBE_WARMUP_SAMPLES)
+        names = [name for name in HVP_METHODS[1:] if m > 1 or name.endswith("-loop")]
         errors: dict[str, BaseException] = {}
-        for name, hvp in candidates.items():
+        skip: set[str] = set()
+        candidates: list[str] = []
+        work = 0  # vectors x samples computed by the probe
+        for name in names:
+            mode = name.partition("-")[0]
+            if mode in skip:
+                continue
+            work += min(m, 2) * warm
             try:
-                results[name] = hvp(x, y, vectors)
+                self._hvp(name, x[:warm], y[:warm], vectors[:2])
             except (RuntimeError, NotImplementedError) as error:
-                errors[name] = error
-        if not results:
-            raise self._differentiation_error(errors["reverse"], "reverse") from errors["reverse"]
-        timings: dict[str, list[float]] = {name: [] for name in results}
-        for _ in range(2 if len(results) > 1 else 0):
-            for name in results:
+                errors[mode] = error
+                if _failing_operation(error) is not None:
+                    skip.add(mode)
+            else:
+                candidates.append(name)
+        seconds: dict[str, float] = {}
+        best: tuple[str, torch.Tensor] | None = None  # only the leader's product is kept
+        runs = 0
+        for round_ in range(2):
+            if round_:
+                ranked = sorted(candidates, key=lambda name: seconds[name])
+                cutoff = 1.5 * seconds[ranked[0]]
+                candidates = [n for i, n in enumerate(ranked) if i < 2 or seconds[n] <= cutoff]
+                if len(candidates) < 2:
+                    break
+            for name in list(candidates):
                 self._synchronize()
                 start = time.perf_counter()
-                candidates[name](x, y, vectors)
+                work += m * chunk
+                try:
+                    product = self._hvp(name, x, y, vectors)
+                except (RuntimeError, NotImplementedError) as error:
+                    errors[name.partition("-")[0]] = error
+                    candidates.remove(name)
+                    seconds.pop(name, None)
+                    if best is not None and best[0] == name:
+                        best = None
+                    continue
                 self._synchronize()
-                timings[name].append(time.perf_counter() - start)
-        self.method_seconds = {name: min(seconds) for name, seconds in timings.items() if seconds}
-        self._method = min(results, key=lambda name: self.method_seconds.get(name, 0.0))
-        # Every chunk product but the one kept is extra work, in full-HVP equivalents.
-        runs = len(candidates) + sum(len(t) for t in timings.values()) - 1
-        self.probe_hvps = runs * vectors.shape[0] * x.shape[0] / self.n_samples
-        return results[self._method]
+                elapsed = time.perf_counter() - start
+                seconds[name] = min(seconds.get(name, elapsed), elapsed)
+                runs += 1
+                if best is None or best[0] == name or seconds[name] < seconds[best[0]]:
+                    best = (name, product)
+                del product
+            if len(candidates) < 2:
+                break
+        if not seconds:
+            error = errors.get("reverse") or next(iter(errors.values()))
+            raise self._differentiation_error(error, "reverse") from error
+        fastest = min(seconds, key=lambda name: seconds[name])
+        if best is None or best[0] != fastest:  # the leader failed on its second run
+            work += m * chunk
+            best = (fastest, self._hvp(fastest, x, y, vectors))
+        self.method_seconds = seconds
+        self._method = best[0]
+        self.probe_runs = runs
+        self.probe_hvps = (work - m * chunk) / self.n_samples
+        return best[1]
 
-    def _forward_hvp(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    def _forward_hvp(
+        self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor, *, batched: bool
+    ) -> torch.Tensor:
         grad = torch.func.grad(lambda theta: self._chunk_loss(theta, x, y))
 
         def hvp(vector: torch.Tensor) -> torch.Tensor:
             product: torch.Tensor = torch.func.jvp(grad, (self._theta,), (vector,))[1]
             return product
 
+        if not batched:
+            return torch.stack([hvp(vector) for vector in vectors])
         products: torch.Tensor = torch.func.vmap(hvp)(vectors)
         return products
 
-    def _reverse_hvp(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    def _reverse_hvp(
+        self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor, *, batched: bool
+    ) -> torch.Tensor:
         theta = self._theta.detach().requires_grad_(True)
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(
@@ -437,7 +506,7 @@ class HessianOperator:
             )
         if grad is None or not grad.requires_grad:  # the loss is at most linear in θ
             return torch.zeros_like(vectors)
-        if self._batched_reverse and vectors.shape[0] > 1:
+        if batched and self._batched_reverse and vectors.shape[0] > 1:
             try:
                 (products,) = torch.autograd.grad(
                     grad,
@@ -465,8 +534,9 @@ class HessianOperator:
         operation = _failing_operation(error)
         if operation is None:
             return error
-        kind = "forward-mode AD" if method == "forward" else "twice"
-        advice = " (try method 'reverse')" if method == "forward" else ""
+        forward = method.startswith("forward")
+        kind = "forward-mode AD" if forward else "twice"
+        advice = " (try method 'reverse-loop' or 'reverse')" if forward else ""
         return NumericalError(
             f"cannot differentiate the model's loss {kind}: the derivative for {operation!r}"
             f" is not implemented in torch{advice}"

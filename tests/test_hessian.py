@@ -38,7 +38,7 @@ def case_id(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@pytest.mark.parametrize("method", ["forward", "reverse"])
+@pytest.mark.parametrize("method", ["forward", "reverse", "forward-loop", "reverse-loop"])
 def test_matmat_matches_dense_hessian(case_id: str, method: str) -> None:
     hessian = dense(case_id)
     op = make_operator(case_id, method=method, chunk_size=7)
@@ -48,6 +48,13 @@ def test_matmat_matches_dense_hessian(case_id: str, method: str) -> None:
     torch.testing.assert_close(products, vectors @ hessian, rtol=1e-9, atol=1e-11)
     assert op.method == method
     assert op.hvp_count == 3
+
+
+def test_cli_offers_exactly_the_operator_methods() -> None:
+    from subspace_cli.commands.common import HVP_METHOD_CHOICES
+    from subspace_cli.hessian import HVP_METHODS
+
+    assert HVP_METHOD_CHOICES == HVP_METHODS
 
 
 def test_forward_over_reverse_equals_reverse_over_reverse(case_id: str) -> None:
@@ -74,17 +81,112 @@ def test_matmat_equals_matvec() -> None:
     assert op.hvp_count == 6
 
 
-def test_auto_measures_both_methods_and_keeps_one() -> None:
+def test_auto_measures_the_four_methods_and_keeps_one() -> None:
     op = make_operator("mlp-relu/mse", method="auto")
     assert op.method is None
     vectors = random_block(2, op.n_params)
     torch.testing.assert_close(op.matmat(vectors), vectors @ dense("mlp-relu/mse"))
-    assert op.method in ("forward", "reverse")
-    assert set(op.method_seconds) == {"forward", "reverse"}
+    assert op.method in ("forward", "reverse", "forward-loop", "reverse-loop")
+    assert set(op.method_seconds) == {"forward", "reverse", "forward-loop", "reverse-loop"}
+    assert op.method_seconds[op.method] == min(op.method_seconds.values())
     assert op.hvp_count == 2  # the timing runs are not HVPs the caller asked for
-    # ...but they are reported: 2 methods x 3 runs on the first chunk, one kept, 2 vectors
-    assert op.probe_hvps == pytest.approx(5 * 2 * min(op.chunk_size, op.n_samples) / op.n_samples)
+    # ...but they are reported (24 samples < 32: each warm-up is a whole-chunk product here;
+    # test_auto_probe_runs_and_counts_exactly_these_products pins the general case)
+    assert op.probe_runs in (6, 7, 8)
+    assert op.probe_hvps == pytest.approx(4 * 2 + (op.probe_runs - 1) * 2)
     assert make_operator("mlp-relu/mse", method="reverse").probe_hvps == 0.0
+
+
+def _small_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+
+
+def test_auto_probe_runs_and_counts_exactly_these_products(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """96 samples in chunks of 40, 3 vectors, a fake clock with a fixed cost per method."""
+    import subspace_cli.hessian as hessian
+
+    cost = {"forward": 4.0, "reverse": 3.0, "forward-loop": 1.4, "reverse-loop": 1.0}
+    clock = [0.0]
+    calls: list[tuple[str, int, int]] = []
+    original = HessianOperator._hvp
+
+    def spied(self, method, x, y, vectors):  # type: ignore[no-untyped-def]
+        calls.append((method, x.shape[0], vectors.shape[0]))
+        clock[0] += cost[method]
+        return original(self, method, x, y, vectors)
+
+    monkeypatch.setattr(HessianOperator, "_hvp", spied)
+    monkeypatch.setattr(hessian.time, "perf_counter", lambda: clock[0])
+    model, data = _small_mlp(), make_data((3,), n=96)
+    op = HessianOperator(model, data, "mse", dtype=torch.float64, chunk_size=40)
+    vectors = random_block(3, op.n_params)
+    torch.testing.assert_close(op.matmat(vectors), vectors @ dense_hessian(model, data, "mse"))
+    warm_ups = [(name, 32, 2) for name in ("forward", "reverse", "forward-loop", "reverse-loop")]
+    timed = [(name, 40, 3) for name in ("forward", "reverse", "forward-loop", "reverse-loop")]
+    # round 2, fastest first: the two fastest (reverse-loop, forward-loop, within 1.5x of the
+    # best anyway), not the others
+    retimed = [("reverse-loop", 40, 3), ("forward-loop", 40, 3)]
+    rest = [("reverse-loop", 40, 3), ("reverse-loop", 16, 3)]  # the other chunks
+    assert calls == warm_ups + timed + retimed + rest
+    assert op.method == "reverse-loop" and op.probe_runs == 6
+    assert op.method_seconds == pytest.approx(cost)
+    assert op.probe_hvps == pytest.approx((4 * 2 * 32 + 5 * 3 * 40) / 96)
+    assert op.hvp_count == 3
+
+
+def test_auto_with_one_vector_races_only_the_loops(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, data = _small_mlp(), make_data((3,), n=96)
+    op = HessianOperator(model, data, "mse", dtype=torch.float64)
+    vector = random_block(1, op.n_params)[0]
+    torch.testing.assert_close(op.matvec(vector), dense_hessian(model, data, "mse") @ vector)
+    assert set(op.method_seconds) == {"forward-loop", "reverse-loop"}
+
+
+def test_a_method_failing_only_on_the_whole_chunk_drops_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    original = HessianOperator._forward_hvp
+
+    def out_of_memory(self, x, y, vectors, *, batched):  # type: ignore[no-untyped-def]
+        if x.shape[0] > 32:
+            raise RuntimeError("out of memory (simulated)")
+        return original(self, x, y, vectors, batched=batched)
+
+    monkeypatch.setattr(HessianOperator, "_forward_hvp", out_of_memory)
+    model, data = _small_mlp(), make_data((3,), n=96)
+    op = HessianOperator(model, data, "mse", dtype=torch.float64, chunk_size=96)
+    vectors = random_block(2, op.n_params)
+    torch.testing.assert_close(op.matmat(vectors), vectors @ dense_hessian(model, data, "mse"))
+    assert op.method in ("reverse", "reverse-loop")
+    assert set(op.method_seconds) == {"reverse", "reverse-loop"}
+
+
+def test_loop_methods_do_not_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, data = _small_mlp(), make_data((3,), n=30)
+    vectors = random_block(3, select_parameters(model).n_params)
+    expected = vectors @ dense_hessian(model, data, "mse")
+    batched_grads: list[bool] = []
+    grad = torch.autograd.grad
+
+    def recording_grad(*args, **kwargs):  # type: ignore[no-untyped-def]
+        batched_grads.append(bool(kwargs.get("is_grads_batched", False)))
+        return grad(*args, **kwargs)
+
+    def no_vmap(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("forward-loop must not vmap")
+
+    monkeypatch.setattr(torch.autograd, "grad", recording_grad)
+    monkeypatch.setattr(torch.func, "vmap", no_vmap)
+    for method in ("reverse-loop", "forward-loop"):
+        op = HessianOperator(model, data, "mse", dtype=torch.float64, method=method)
+        torch.testing.assert_close(op.matmat(vectors), expected)
+    assert batched_grads and not any(batched_grads)
+    reverse = HessianOperator(model, data, "mse", dtype=torch.float64, method="reverse")
+    torch.testing.assert_close(reverse.matmat(vectors), expected)
+    assert batched_grads[-1]  # ...while the batched reverse form does batch
 
 
 def test_max_samples_uses_only_the_first_samples() -> None:
@@ -304,8 +406,13 @@ def test_auto_falls_back_to_reverse_without_forward_ad() -> None:
     vectors = random_block(2, select_parameters(model).n_params)
     op = HessianOperator(model, data, "mse", dtype=torch.float64)
     products = op.matmat(vectors)
-    assert op.method == "reverse" and "forward" not in op.method_seconds
-    assert op.probe_hvps == pytest.approx(1 * 2)  # the failed forward attempt; reverse is kept
+    assert op.method in ("reverse", "reverse-loop")
+    assert set(op.method_seconds) == {"reverse", "reverse-loop"}
+    # warm-ups on all 24 samples: forward and forward-loop both fail (torch's error is about
+    # functorch transforms, not a missing derivative, so the loop form is tried too), the two
+    # reverse forms run; then 2 timed runs and 2 retimed, one of which is kept
+    assert op.probe_runs == 4
+    assert op.probe_hvps == pytest.approx(4 * 2 + 3 * 2)
     reference = HessianOperator(model, data, "mse", dtype=torch.float64, method="reverse")
     torch.testing.assert_close(products, reference.matmat(vectors))
 

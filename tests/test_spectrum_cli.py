@@ -162,6 +162,10 @@ def test_several_checkpoints_warm_start_and_overlap(tmp_path):
     assert same["overlap_with_previous"] == pytest.approx(1.0, abs=1e-6)
     assert same["hvp_count"] <= 4 < first["hvp_count"]
     assert different["overlap_with_previous"] < 0.99
+    # --hvp-method auto times the methods on the first checkpoint only: same model and data
+    assert first["hvp_probe_extra"] > 0
+    assert same["hvp_probe_extra"] == different["hvp_probe_extra"] == 0
+    assert same["hvp_method"] == different["hvp_method"] == first["hvp_method"]
 
 
 def test_budget_below_convergence_is_reported_not_converged(tmp_path):

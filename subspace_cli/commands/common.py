@@ -11,6 +11,14 @@ from subspace_cli.errors import EXIT_SOME_FAILED, EXIT_USAGE, SubspaceError, Usa
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: ``--hvp-method`` choices; the same as ``hessian.HVP_METHODS``, kept here so that ``--help``
+#: does not import torch (a test checks that the two agree).
+HVP_METHOD_CHOICES = ("auto", "forward", "reverse", "forward-loop", "reverse-loop")
+HVP_METHOD_HELP = (
+    "HVP: forward-over-reverse or reverse-over-reverse, batched over the vectors or one vector "
+    "at a time (-loop), or auto (time all four once, keep the fastest)."
+)
+
 
 def _set_root_flag(name: str) -> Callable[[click.Context, click.Parameter, bool], bool]:
     def callback(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:

@@ -9,6 +9,8 @@ from typing import Any
 import click
 
 from subspace_cli.commands.common import (
+    HVP_METHOD_CHOICES,
+    HVP_METHOD_HELP,
     examples,
     is_quiet,
     output_options,
@@ -93,8 +95,8 @@ def batch_size_type(value: str) -> int | None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Samples per forward/backward pass over the full training set.")
-@click.option("--hvp-method", type=click.Choice(["auto", "forward", "reverse"]), default="auto",
-              show_default=True)
+@click.option("--hvp-method", type=click.Choice(HVP_METHOD_CHOICES), default="auto",
+              show_default=True, help=HVP_METHOD_HELP)
 @plugin_options
 @output_options
 @click.pass_context

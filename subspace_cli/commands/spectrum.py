@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 import click
 
 from subspace_cli.commands.common import (
+    HVP_METHOD_CHOICES,
+    HVP_METHOD_HELP,
     examples,
     for_each_input,
     is_quiet,
@@ -109,11 +113,10 @@ def spectrum_options(f: Any) -> Any:
         ),
         click.option(
             "--hvp-method",
-            type=click.Choice(["auto", "forward", "reverse"]),
+            type=click.Choice(HVP_METHOD_CHOICES),
             default="auto",
             show_default=True,
-            help="Batched HVP: forward-over-reverse, reverse-over-reverse, or "
-            "auto (time both once, keep the faster).",
+            help=HVP_METHOD_HELP,
         ),
         click.option(
             "--seed",
@@ -269,6 +272,9 @@ class SpectrumRunner:
         self.quiet = quiet
         self.data_cache = DataCache()
         self.previous: tuple[tuple[str, ...], Any, str] | None = None  # names, vectors, path
+        # --hvp-method auto: the method timed on the first checkpoint of a model and data,
+        # reused for the later ones (the probe costs a few HVPs per checkpoint otherwise)
+        self.methods: dict[str, str] = {}
 
     def run(self, path: Path) -> dict[str, Any]:
         from subspace_cli import store
@@ -291,9 +297,16 @@ class SpectrumRunner:
                 info = "" if residuals is None else f"max residual {float(residuals.max()):.2e}"
                 bar.update(completed=hvps, info=f"{hvps} HVPs  {info}")
 
+            settings = self.settings
+            key = json.dumps([experiment.spec.model, experiment.spec.model_config,
+                              experiment.spec.data, experiment.spec.data_config], sort_keys=True)
+            if settings.hvp_method == "auto" and key in self.methods:
+                settings = dataclasses.replace(settings, hvp_method=self.methods[key])
             run = compute_spectrum(
-                experiment, self.settings, init=init, warm_start=warm, progress=progress
+                experiment, settings, init=init, warm_start=warm, progress=progress
             )
+            if run.hvp_method:
+                self.methods.setdefault(key, run.hvp_method)
         vectors = run.result.eigenvectors
         k = run.result.k
         if self.previous is not None and self.previous[0] == run.layout.names:
@@ -361,8 +374,11 @@ def render(record: dict[str, Any]) -> None:
         f"{record['mode']} mode, {record['dtype']} on {record['device']}"
     )
     emit_table(rows, headers=["i", "λ_i", "residual", "converged"], title=title)
-    probe = (f"; timing it against the other method cost {record['hvp_probe_extra']:.1f} more"
-             if record["hvp_probe_extra"] else "")
+    probe = (
+        f"; timing it against the others cost {record['hvp_probe_extra']:.1f} more"
+        if record["hvp_probe_extra"]
+        else ""
+    )
     cost = (
         f"{record['hvp_count']} HVPs ({record['hvp_method']}{probe}), {record['seconds']:.2f} s, "
         f"tol {record['tol']:g}, {record['solver']}"
