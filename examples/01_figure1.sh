@@ -3,9 +3,11 @@
 # projected onto the top-k Hessian eigenspace) and Bulk-SGD (onto its complement), the subspace
 # recomputed from the full-training-set Hessian at every step.
 #   examples/01_figure1.sh [mlp|cnn|transformer ...]   (default: all three)
-# Cost on a 2-core CPU: mlp and cnn about 10 to 20 minutes each at the default 100 steps; the
-# transformer is a GPU job: one Hessian-vector product over its 1,000 sequences took 6.6 s on a
-# CPU core, so a refresh (about 22 products) takes minutes and its 100-step runs take hours.
+# Cost on a 2-core CPU: mlp and cnn about 10 to 20 minutes each at the default 100 steps. The
+# transformer is slow on a CPU: one Hessian-vector product over its 1,000 sequences takes about
+# 2.7 s on a core (reverse-loop), a refresh (about 20 products) a minute or more, so its projected
+# runs take about 1.5 minutes per step: `STEPS=50 examples/01_figure1.sh transformer` is the run
+# in docs/REPRODUCTION.md (the three runs started in parallel there, one torch thread each).
 # Settings as the samples were trained: SGD, lr 0.01, batch 50, seed 0. k = 10 = number of
 # classes for all three (MNIST-1D and digits have 10 classes; the paper's k = 2 for the
 # transformer is SST-2's two classes).

@@ -2,6 +2,7 @@
 # Momentum and Adam: effective learning rates eta_dom and eta_bulk of the update (the paper's
 # Table 1 averages them over the first 1000 steps and finds that momentum and Adam amplify the
 # bulk component: eta_bulk > eta_dom). Unprojected runs from the MLP sample, logged every 5 steps.
+# docs/REPRODUCTION.md ran STEPS=1000, the paper's window (about 40 minutes per run on a CPU core).
 source "$(dirname "$0")/common.sh"
 OUT=${OUT:-examples/out/05_momentum_adam}
 STEPS=${STEPS:-250}
