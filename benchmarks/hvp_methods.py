@@ -69,7 +69,7 @@ def measure(name: str, blocks: list[int], repeat: int) -> list[dict[str, object]
                     "m": m,
                     "method": method,
                     "s_per_vector": seconds[method] / m,
-                    "x_batched_best": seconds[method] / baseline,
+                    "ratio_to_batched": seconds[method] / baseline,
                     "auto_keeps": auto.method if method == METHODS[0] else "",
                     "rel_diff_vs_reverse": float(difference),
                 }
@@ -91,7 +91,7 @@ def main() -> None:
         f", load average {os.getloadavg()[0]:.2f}, best of {args.repeat} after a warm-up"
     )
     print(
-        "| model | params | samples | m | method | s / vector | × faster batched | auto keeps"
+        "| model | params | samples | m | method | s / vector | time ÷ best batched | auto keeps"
         " | rel. diff vs reverse |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
@@ -99,7 +99,7 @@ def main() -> None:
         for row in measure(name, blocks, args.repeat):
             print(
                 f"| {row['model']} | {row['params']:,} | {row['samples']:,} | {row['m']} "
-                f"| {row['method']} | {row['s_per_vector']:.4f} | {row['x_batched_best']:.2f} "
+                f"| {row['method']} | {row['s_per_vector']:.4f} | {row['ratio_to_batched']:.2f} "
                 f"| {row['auto_keeps']} | {row['rel_diff_vs_reverse']:.1e} |",
                 flush=True,
             )

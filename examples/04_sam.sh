@@ -4,7 +4,7 @@
 # The MLP sample was trained with plain SGD, and from there SAM first *raises* the training loss
 # for a few hundred steps (it trades loss for flatness). So, as in the paper, the switch comes
 # after SAM training: stage 1 trains the sample with unprojected SAM for PRE_STEPS steps (k 0: no
-# Hessian is needed, about a minute); stage 2 resumes from its last checkpoint with SAM, Dom-SAM
+# Hessian is needed, under a minute); stage 2 resumes from its last checkpoint with SAM, Dom-SAM
 # and Bulk-SAM for STEPS steps, the subspace recomputed every step.
 source "$(dirname "$0")/common.sh"
 OUT=${OUT:-examples/out/04_sam}

@@ -164,6 +164,11 @@ def _failing_operation(error: BaseException) -> str | None:
     return None
 
 
+def _ad_mode(method: str) -> str:
+    """``"forward"`` or ``"reverse"``: the differentiation behind an HVP method's name."""
+    return method.partition("-")[0]
+
+
 @contextmanager
 def _module_mode(model: torch.nn.Module, train: bool) -> Iterator[None]:
     """Put every submodule in train or eval mode, restoring each one's own flag afterwards."""
@@ -395,9 +400,8 @@ class HessianOperator:
     def _hvp(
         self, method: str, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor
     ) -> torch.Tensor:
-        mode, _, loop = method.partition("-")
-        hvp = self._forward_hvp if mode == "forward" else self._reverse_hvp
-        return hvp(x, y, vectors, batched=not loop)
+        hvp = self._forward_hvp if _ad_mode(method) == "forward" else self._reverse_hvp
+        return hvp(x, y, vectors, batched=not method.endswith("-loop"))
 
     def _choose_method(
         self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor
@@ -425,7 +429,7 @@ class HessianOperator:
         candidates: list[str] = []
         work = 0  # vectors x samples computed by the probe
         for name in names:
-            mode = name.partition("-")[0]
+            mode = _ad_mode(name)
             if mode in skip:
                 continue
             work += min(m, 2) * warm
@@ -438,15 +442,13 @@ class HessianOperator:
             else:
                 candidates.append(name)
         seconds: dict[str, float] = {}
-        best: tuple[str, torch.Tensor] | None = None  # only the leader's product is kept
+        kept: tuple[str, torch.Tensor] | None = None  # only the leader's product is kept
         runs = 0
         for round_ in range(2):
-            if round_:
+            if round_:  # at least two candidates are left (checked below)
                 ranked = sorted(candidates, key=lambda name: seconds[name])
                 cutoff = 1.5 * seconds[ranked[0]]
                 candidates = [n for i, n in enumerate(ranked) if i < 2 or seconds[n] <= cutoff]
-                if len(candidates) < 2:
-                    break
             for name in list(candidates):
                 self._synchronize()
                 start = time.perf_counter()
@@ -454,33 +456,31 @@ class HessianOperator:
                 try:
                     product = self._hvp(name, x, y, vectors)
                 except (RuntimeError, NotImplementedError) as error:
-                    errors[name.partition("-")[0]] = error
+                    errors[_ad_mode(name)] = error
                     candidates.remove(name)
                     seconds.pop(name, None)
-                    if best is not None and best[0] == name:
-                        best = None
                     continue
                 self._synchronize()
                 elapsed = time.perf_counter() - start
                 seconds[name] = min(seconds.get(name, elapsed), elapsed)
                 runs += 1
-                if best is None or best[0] == name or seconds[name] < seconds[best[0]]:
-                    best = (name, product)
+                if name == min(seconds, key=seconds.__getitem__):
+                    kept = (name, product)
                 del product
             if len(candidates) < 2:
                 break
         if not seconds:
             error = errors.get("reverse") or next(iter(errors.values()))
             raise self._differentiation_error(error, "reverse") from error
-        fastest = min(seconds, key=lambda name: seconds[name])
-        if best is None or best[0] != fastest:  # the leader failed on its second run
+        fastest = min(seconds, key=seconds.__getitem__)
+        if kept is None or kept[0] != fastest:  # the leader failed on its second run
             work += m * chunk
-            best = (fastest, self._hvp(fastest, x, y, vectors))
+            kept = (fastest, self._hvp(fastest, x, y, vectors))
         self.method_seconds = seconds
-        self._method = best[0]
+        self._method = fastest
         self.probe_runs = runs
         self.probe_hvps = (work - m * chunk) / self.n_samples
-        return best[1]
+        return kept[1]
 
     def _forward_hvp(
         self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor, *, batched: bool
@@ -534,7 +534,7 @@ class HessianOperator:
         operation = _failing_operation(error)
         if operation is None:
             return error
-        forward = method.startswith("forward")
+        forward = _ad_mode(method) == "forward"
         kind = "forward-mode AD" if forward else "twice"
         advice = " (try method 'reverse-loop' or 'reverse')" if forward else ""
         return NumericalError(

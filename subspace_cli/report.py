@@ -9,6 +9,7 @@ note says so.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import math
@@ -37,9 +38,7 @@ class Run:
 
     path: Path
     config: dict[str, Any]
-    command: str
     log: dict[str, np.ndarray]
-    refresh: dict[str, np.ndarray]
     start_checkpoint: str
     start_step: int | None
     start_key: str
@@ -176,11 +175,12 @@ def load_run(run_dir: Path) -> Run:
     start = str(config.get("checkpoint", "?"))
     start_step = stored.get("start_step")
     key = stored.get("start_sha256") or _checkpoint_sha256(Path(start)) or f"{start}@{start_step}"
-    return Run(path=run_dir, config=config, command=data["command"], log=data["log"],
-               refresh=data["refresh"], start_checkpoint=start, start_step=start_step,
-               start_key=key, loss=(stored.get("spec") or {}).get("loss"), notes=notes)
+    return Run(path=run_dir, config=config, log=data["log"], start_checkpoint=start,
+               start_step=start_step, start_key=key,
+               loss=(stored.get("spec") or {}).get("loss"), notes=notes)
 
 
+@functools.cache
 def _checkpoint_sha256(path: Path) -> str | None:
     """The tensors' SHA-256 of a start checkpoint that a run (from before ``start_sha256`` was
     recorded) names, if it is still there and readable; else None."""
@@ -216,17 +216,17 @@ def assign_labels(runs: Sequence[Run]) -> None:
         if len(same) == 1:
             same[0].label = label
             continue
+        differing = [(key, fmt) for key, fmt in (
+            ("lr", "η={:g}"), ("batch_size", "B={}"), ("k", "k={}"), ("optimizer", "{}"),
+            ("rho", "ρ={:g}"), ("momentum", "μ={:g}"),
+        ) if len({json.dumps(r.config.get(key)) for r in same}) > 1]
+        several_starts = len({r.start_key for r in same}) > 1
         for run in same:
-            c = run.config
             parts = []
-            for key, fmt in (("lr", "η={:g}"), ("batch_size", "B={}"), ("k", "k={}"),
-                             ("optimizer", "{}"), ("rho", "ρ={:g}"), ("momentum", "μ={:g}")):
-                values = {json.dumps(r.config.get(key)) for r in same}
-                if len(values) > 1:
-                    value = c.get(key)
-                    parts.append(fmt.format("full" if value is None else value))
-            groups = {r.start_key for r in same}
-            if not parts or len(groups) > 1:
+            for key, fmt in differing:
+                value = run.config.get(key)
+                parts.append(fmt.format("full" if value is None else value))
+            if not parts or several_starts:
                 parts.append(run.name)
             run.label = f"{label} ({', '.join(parts)})"
         labels = [r.label for r in same]

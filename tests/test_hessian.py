@@ -137,7 +137,7 @@ def test_auto_probe_runs_and_counts_exactly_these_products(
     assert op.hvp_count == 3
 
 
-def test_auto_with_one_vector_races_only_the_loops(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_with_one_vector_races_only_the_loops() -> None:
     model, data = _small_mlp(), make_data((3,), n=96)
     op = HessianOperator(model, data, "mse", dtype=torch.float64)
     vector = random_block(1, op.n_params)[0]

@@ -62,7 +62,7 @@ def report_command(ctx: click.Context, inputs: tuple[str, ...], out_dir: Path | 
     """
     from subspace_cli import report
     from subspace_cli.errors import UsageError
-    from subspace_cli.output import emit_json, say
+    from subspace_cli.output import emit_json, json_text, say
 
     if as_json:
         fmt = "json"
@@ -95,10 +95,11 @@ def report_command(ctx: click.Context, inputs: tuple[str, ...], out_dir: Path | 
         out_dir.mkdir(parents=True, exist_ok=True)
         plots = report.write_plots(out_dir, groups, entries, plot_formats or report.PLOT_FORMATS,
                                    notes.append)
-        payload = _payload(ordered, spectra, plots, notes)
+    payload = _payload(ordered, spectra, plots, notes)
+    if out_dir is not None:
         report.write_text(out_dir / "summary.csv",
                           report.render_tables("csv", groups, summaries, spectra))
-        report.write_text(out_dir / "summary.json", _json_text(payload))
+        report.write_text(out_dir / "summary.json", json_text(payload) + "\n")
         report.write_text(out_dir / "report.md", report.markdown_report(
             report.render_tables("markdown", groups, summaries, spectra), plots, out_dir, notes))
     elif not quiet:
@@ -108,7 +109,7 @@ def report_command(ctx: click.Context, inputs: tuple[str, ...], out_dir: Path | 
         for text in notes:
             say(f"note: {text}")
     if fmt == "json":
-        emit_json(_payload(ordered, spectra, plots, notes))
+        emit_json(payload)
     else:
         click.echo(report.render_tables(fmt, groups, summaries, spectra), nl=False)
     outcome.exit(ctx)
@@ -118,8 +119,3 @@ def _payload(runs: list[dict[str, Any]], spectra: list[dict[str, Any]], plots: l
              notes: list[str]) -> dict[str, Any]:
     return {"runs": runs, "spectra": spectra, "plots": [str(p) for p in plots], "notes": notes}
 
-
-def _json_text(payload: dict[str, Any]) -> str:
-    from subspace_cli.output import json_text
-
-    return json_text(payload) + "\n"
