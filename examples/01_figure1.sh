@@ -23,7 +23,7 @@ for setup in "${setups[@]}"; do
     # the unprojected run needs the subspace only for its logged chi: log every 5 steps
     log_every=1; [ "$mode" = none ] && log_every=5
     subspace project-train "$ckpt" --mode "$mode" --optimizer sgd --lr 0.01 --batch-size 50 \
-      -k 10 --steps "$STEPS" --seed 0 --log-every "$log_every" --out "$OUT/$setup/$mode" -q
+      -k 10 --steps "$STEPS" --seed 0 --log-every "$log_every" "${audit[@]}" --out "$OUT/$setup/$mode" -q
   done
   subspace report "$OUT/$setup"/{none,dom,bulk} -o "$OUT/$setup/report"
 done

@@ -9,7 +9,7 @@ LR=${LR:-0.08}
 fresh_dir "$OUT"
 for mode in none dom bulk; do
   subspace project-train $SAMPLES/mlp_mnist1d.safetensors --mode "$mode" --optimizer sgd \
-    --lr "$LR" --batch-size full -k 10 --steps "$STEPS" --seed 0 --out "$OUT/$mode" -q
+    --lr "$LR" --batch-size full -k 10 --steps "$STEPS" --seed 0 "${audit[@]}" --out "$OUT/$mode" -q
 done
 subspace report "$OUT"/{none,dom,bulk} -o "$OUT/report"
 finish "$OUT"

@@ -17,7 +17,7 @@ subspace project-train $SAMPLES/mlp_mnist1d.safetensors --mode none -k 0 --steps
 for mode in none dom bulk; do
   log_every=1; [ "$mode" = none ] && log_every=5
   subspace project-train "$OUT/pretrain/last.safetensors" --mode "$mode" -k 10 \
-    --steps "$STEPS" --log-every "$log_every" --out "$OUT/$mode" "${sam[@]}"
+    --steps "$STEPS" --log-every "$log_every" "${audit[@]}" --out "$OUT/$mode" "${sam[@]}"
 done
 subspace report "$OUT"/{none,dom,bulk} -o "$OUT/report"
 finish "$OUT"

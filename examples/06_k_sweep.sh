@@ -14,7 +14,7 @@ runs=("$OUT/none")
 for k in $KS; do
   for mode in dom bulk; do
     subspace project-train "$ckpt" --mode "$mode" --lr 0.01 --batch-size 50 -k "$k" \
-      --steps "$STEPS" --seed 0 --out "$OUT/${mode}_k$k" -q
+      --steps "$STEPS" --seed 0 "${audit[@]}" --out "$OUT/${mode}_k$k" -q
     runs+=("$OUT/${mode}_k$k")
   done
 done

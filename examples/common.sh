@@ -9,5 +9,9 @@ fresh_dir() {  # fresh_dir DIR: refuse to mix with the results of an earlier run
   fi
   mkdir -p "$1"
 }
+# Every run that keeps a subspace is audited every AUDIT steps (0: never): a cold tight solve
+# measures the overlap of the tracked subspace with the exact one (subspace report: "audit min").
+AUDIT=${AUDIT:-50}
+audit=(--audit-every "$AUDIT")
 SECONDS=0
 finish() { echo "done in ${SECONDS} s; plots and tables in $1" >&2; }

@@ -318,4 +318,11 @@ def load_state_strict(model: torch.nn.Module, ckpt: Checkpoint) -> None:
         raise CheckpointError(
             f"{ckpt.path}: tensors do not match the model: " + "; ".join(problems)
         )
+    import torch
+
+    if any(given[name].dtype == torch.float64 and expected[name].is_floating_point()
+           and expected[name].dtype != torch.float64 for name in expected):
+        # Plugins build float32 models; loading float64 weights (a --dtype float64 run's
+        # checkpoints) into them would round. Every consumer casts to its compute dtype.
+        model.double()
     model.load_state_dict(given, strict=True)

@@ -82,6 +82,15 @@ class EigenResult:
         seconds: Wall time of the solve.
         tol: The residual tolerance that ``converged`` refers to.
         k: Number of requested pairs (the rest, ``extra``, show the gap).
+        guard_values, guard_vectors: With ``guard=p``, up to p Ritz pairs after the wanted ones
+            (fewer when the basis had fewer rows when the solve stopped; not held to ``tol``; a
+            tracker keeps them as the next warm start's margin).
+        stopped_on: ``"residual"`` (every pair reached ``tol``), ``"subspace"`` (the
+            ``subspace_tol`` estimate was met first) or ``"budget"`` (``max_hvps`` spent, or the
+            space exhausted).
+        subspace_error: Estimate of 1 − overlap between the returned top-k subspace and the
+            exact one, Σᵢ ‖rᵢ‖² / (k·(θᵢ − θ_{k+1})²) (see ``_subspace_error``; NaN when no
+            (k+1)-th Ritz value was available).
     """
 
     eigenvalues: torch.Tensor
@@ -96,6 +105,10 @@ class EigenResult:
     tol: float
     k: int
     extra: int = field(default=0)
+    guard_values: torch.Tensor | None = None
+    guard_vectors: torch.Tensor | None = None
+    stopped_on: str = "residual"
+    subspace_error: float = float("nan")
 
     @property
     def all_converged(self) -> bool:
@@ -253,6 +266,9 @@ def top_eigenpairs(
     block_size: int | None = None,
     basis_size: int | None = None,
     progress: ProgressCallback | None = None,
+    guard: int = 0,
+    subspace_tol: float | None = None,
+    init_images: torch.Tensor | None = None,
 ) -> EigenResult:
     """The k + extra algebraically largest eigenpairs, by thick-restart block Lanczos.
 
@@ -271,6 +287,15 @@ def top_eigenpairs(
         basis_size: Basis vectors held before a thick restart (default
             ``max(3·(k+extra), k+extra+4·block_size)``); memory is 2·basis_size vectors of n.
         progress: Called after every block as ``progress(hvps, residuals_or_None)``.
+        guard: Also return up to this many further Ritz pairs (``guard_values``/
+            ``guard_vectors``), unverified.
+        subspace_tol: Also stop once the estimated subspace error (see
+            :attr:`EigenResult.subspace_error`) of the k + extra wanted pairs is at most this,
+            even if some residuals are above ``tol``. Meant for warm restarts that need the
+            subspace, not each eigenvector, to a given accuracy.
+        init_images: ``(m, n)``: H applied to the first m rows of ``init``, already computed
+            (e.g. by a drift check). The first block reuses them instead of applying H again;
+            they are not counted in ``hvp_count``.
 
     Returns:
         An :class:`EigenResult` with ``solver="block-lanczos"``.
@@ -288,6 +313,8 @@ def top_eigenpairs(
         raise UsageError(f"block size must be positive, got {b}")
     max_hvps = default_max_hvps(k + extra) if max_hvps is None else int(max_hvps)
     wanted = _check_request(op, k, extra, max_hvps, tol)
+    if guard < 0:
+        raise UsageError(f"guard must be non-negative, got {guard}")
     b = min(b, n)
     if init is not None:
         if init.dim() != 2 or init.shape[1] != n:
@@ -308,11 +335,13 @@ def top_eigenpairs(
     images = torch.zeros((0, n), device=device, dtype=dtype)
     projected = torch.zeros((0, 0), device=device, dtype=torch.float64)
     new = _orthonormal_extension(basis, init, first, generator)
+    known = _known_images(init, init_images, new, dtype)
     hvps = iterations = restarts = 0
     values = torch.zeros(0, device=device, dtype=torch.float64)
     vectors = torch.zeros((0, 0), device=device, dtype=torch.float64)
     ritz_vectors = ritz_images = basis
     relative = torch.zeros(0, device=device, dtype=torch.float64)
+    stopped_on, subspace_error = "budget", float("nan")
 
     while new.shape[0]:
         new = new[: max_hvps - hvps]
@@ -320,8 +349,10 @@ def top_eigenpairs(
             break
         # H is applied to the basis rows rounded to op_dtype; the difference is at the HVPs'
         # own rounding level (relative eps of op_dtype), far below any sensible tol.
-        new_images = op.matmat(new.to(op_dtype)).to(dtype)
-        hvps += new.shape[0]
+        reused = known.shape[0] if known is not None and iterations == 0 else 0
+        computed = op.matmat(new[reused:].to(op_dtype)).to(dtype)
+        new_images = torch.cat([known, computed]) if reused else computed
+        hvps += new.shape[0] - reused
         iterations += 1
         # T = V Wᵀ grows by the new block; the two estimates of the off-diagonal block
         # (V_old · H V_new and H V_old · V_new) agree up to rounding and are averaged.
@@ -340,7 +371,7 @@ def top_eigenpairs(
             raise NumericalError("the projected Hessian has non-finite entries")
         dim = basis.shape[0]
         # Residuals of the wanted pairs and of the next b, which may seed the next block.
-        count = min(dim, wanted + b)
+        count = min(dim, wanted + max(b, guard))
         coefficients = vectors[:, :count].T.to(dtype)
         ritz_vectors = coefficients @ basis
         ritz_images = coefficients @ images  # = H x_i, combinations of stored real HVPs
@@ -349,13 +380,24 @@ def top_eigenpairs(
         done = relative <= tol
         if progress is not None:
             progress(hvps, relative[:wanted].clone() if dim >= wanted else None)
+        if dim > wanted:
+            subspace_error = _subspace_error(residual_norms[:wanted], values[:count], wanted)
         if dim >= wanted and bool(done[:wanted].all()):
+            stopped_on = "residual"
+            break
+        if subspace_tol is not None and subspace_error <= subspace_tol:
+            stopped_on = "subspace"
             break
         if hvps >= max_hvps or dim == n:
             break
 
-        # Next block: residuals of the top unconverged pairs (wanted first, then beyond).
+        # Next block: residuals of the top unconverged pairs (wanted first, then beyond). When
+        # the subspace is the goal, the pairs that add most to its error estimate go first.
         order = [i for i in range(count) if i < wanted and not bool(done[i])]
+        if subspace_tol is not None and dim > wanted:
+            gaps = (values[:wanted] - values[wanted]).clamp_min(torch.finfo(torch.float64).tiny)
+            weight = residual_norms[:wanted].to(torch.float64) / gaps
+            order.sort(key=lambda i: -float(weight[i]))
         order += [i for i in range(wanted, count) if i not in order]
         residuals = ritz_images[order] - values[order, None].to(dtype) * ritz_vectors[order]
         if dim + b > max_dim and max_dim < n:
@@ -368,6 +410,7 @@ def top_eigenpairs(
 
     count = min(wanted, ritz_vectors.shape[0])
     residuals_out = relative[:count]
+    extra_rows = min(guard, ritz_vectors.shape[0] - count)
     return EigenResult(
         eigenvalues=values[:count].clone(),
         eigenvectors=ritz_vectors[:count].to(op_dtype),
@@ -381,7 +424,49 @@ def top_eigenpairs(
         tol=tol,
         k=k,
         extra=extra,
+        guard_values=values[count : count + extra_rows].clone() if guard else None,
+        guard_vectors=ritz_vectors[count : count + extra_rows].to(op_dtype) if guard else None,
+        stopped_on=stopped_on,
+        subspace_error=subspace_error,
     )
+
+
+def _known_images(init: torch.Tensor, init_images: torch.Tensor | None, new: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor | None:
+    """Images of the first rows of the first block, from H applied to the first rows of init.
+
+    Gram-Schmidt makes row i of the block a combination of init rows 0..i, so while none of the
+    first m rows was dropped, block[:m] = T·init[:m] and H·block[:m] = T·(H·init[:m]).
+    """
+    if init_images is None or not init_images.shape[0]:
+        return None
+    m = init_images.shape[0]
+    if m > init.shape[0]:
+        raise UsageError(f"init_images has {m} rows but init only {init.shape[0]}")
+    if m > new.shape[0]:
+        return None  # the first block is smaller than the known images (a tiny budget)
+    head = init[:m]
+    transform = new[:m] @ head.T @ torch.linalg.inv(head @ head.T)
+    if float((new[:m] - transform @ head).norm()) > 1e3 * torch.finfo(dtype).eps * m:
+        return None  # a row was dropped as dependent: apply H afresh
+    return transform @ init_images.to(device=new.device, dtype=dtype)
+
+
+def _subspace_error(residual_norms: torch.Tensor, values: torch.Tensor, wanted: int) -> float:
+    """Σᵢ ‖rᵢ‖² / (k·(θᵢ − θ_{k+1})²), an estimate of 1 − ‖X Uᵀ‖²_F / k for the Ritz vectors X
+    and the exact top-k subspace U.
+
+    For a unit x with Rayleigh quotient θ > λ_{k+1} and residual r = Hx − θx, the part w of x
+    outside U satisfies ‖(I − P_U) r‖ = ‖(H − θ) w‖ ≥ (θ − λ_{k+1}) ‖w‖, so ‖w‖ ≤ ‖r‖ / (θ −
+    λ_{k+1}); and k − ‖X Uᵀ‖²_F = Σᵢ ‖wᵢ‖². The unknown λ_{k+1} is replaced by the Ritz value
+    θ_{k+1} ≤ λ_{k+1} (so the estimate is optimistic until θ_{k+1} has converged, which guard
+    vectors in a warm start make quick). A pair at or below θ_{k+1} gives infinity.
+    """
+    gaps = values[:wanted] - values[wanted]
+    if bool((gaps <= 0).any()):
+        return float("inf")
+    norms = residual_norms[:wanted].to(torch.float64)
+    return float(((norms / gaps) ** 2).sum()) / wanted
 
 
 def arpack_eigenpairs(

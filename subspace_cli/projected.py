@@ -9,13 +9,14 @@ Nesterov, Adam or SAM) computes its parameter update Δθ as usual; the update a
 * ``mix``:  a · P_k Δθ + b · (I − P_k) Δθ
 
 where P_k projects onto the top-k eigenvectors of the Hessian of the full training loss at the
-current parameters, recomputed every ``refresh_every`` steps (warm-started from the previous
-subspace). Optimizer state stays unprojected unless ``project_state`` is set (then momentum
-buffers and Adam's first moment are projected too; Adam's second moment is a per-coordinate
-scale, not a direction, and is left alone).
+current parameters, kept current by :class:`~subspace_cli.tracking.SubspaceTracker` (by default
+within ``subspace_tol`` of the exact subspace at every step; ``refresh="warm"`` or ``"cold"``
+recompute it every ``refresh_every`` steps instead). Optimizer state stays unprojected unless
+``project_state`` is set (then momentum buffers and Adam's first moment are projected too;
+Adam's second moment is a per-coordinate scale, not a direction, and is left alone).
 
 Everything that decides the trajectory (parameters, optimizer state, the data order, the
-subspace used as the next warm start) is saved with each checkpoint, so a resumed run is
+tracker's subspace and schedule) is saved with each checkpoint, so a resumed run is
 bit-identical to an uninterrupted one on the CPU.
 """
 
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from subspace_cli.data import TrainingData, iter_chunks
 from subspace_cli.errors import NumericalError, UsageError
 from subspace_cli.losses import correct_count, loss_sum
+from subspace_cli.tracking import Audit, Refresh, StepInfo, SubspaceTracker, TrackerSettings
 
 if TYPE_CHECKING:
     import torch
@@ -66,7 +68,13 @@ class TrainConfig:
     dom_scale: float = 1.0
     bulk_scale: float = 1.0
     project_state: bool = False
+    refresh: str = "track"
     refresh_every: int = 1
+    subspace_tol: float = 1e-3
+    guard: int = 2
+    max_check_gap: int = 8
+    audit_every: int = 0
+    audit_tol: float | None = None
     start_step: int = 0
     start_when_aligned: float | None = None
     log_every: int = 1
@@ -96,6 +104,20 @@ class TrainConfig:
         for name in ("steps", "refresh_every", "log_every", "save_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.refresh == "track" and self.refresh_every != 1:
+            raise UsageError("--refresh-every sets a fixed schedule; it does not combine with "
+                             "--refresh track (use --refresh warm or cold)")
+        if self.audit_every < 0:
+            raise UsageError("--audit-every must be non-negative (0: no audits)")
+        self.tracker_settings().check()
+
+    def tracker_settings(self) -> TrackerSettings:
+        return TrackerSettings(
+            k=self.k, policy=self.refresh, every=self.refresh_every,
+            subspace_tol=self.subspace_tol, guard=self.guard, max_check_gap=self.max_check_gap,
+            tol=self.tol, max_hvps=self.max_hvps, block_size=self.block_size, seed=self.seed,
+            audit_tol=self.audit_tol,
+        )
 
 
 # ---------------------------------------------------------------------------- projection
@@ -296,18 +318,16 @@ class StepLog:
     projecting: bool
     wall_time: float
     hvps: int
+    subspace_age: int
+    drift_estimate: float
+    audit_overlap: float
+    eigenvalues_step: int
+    sharpness_source: str
     eigenvalues: list[float]
 
 
-@dataclass
-class RefreshLog:
-    step: int
-    hvps: int
-    seconds: float
-    max_residual: float
-    all_converged: bool
-    overlap_previous: float
-    residuals: list[float]
+RefreshLog = Refresh
+AuditLog = Audit
 
 
 @dataclass
@@ -318,17 +338,22 @@ class RunState:
     projecting: bool = False
     switch_step: int = -1
     chi_ema: float = float("nan")
-    basis_step: int = -1  # step at which `basis` was computed
-    hvps: int = 0
     wall_time: float = 0.0
-    hvp_method: str = ""
+    audit_seconds: float = 0.0
+    tracker: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> RunState:
-        return cls(**json.loads(text))
+        data = json.loads(text)
+        if "tracker" not in data:  # a run state from before the tracker (format 1.0)
+            data["tracker"] = {"basis_step": data.get("basis_step", -1),
+                               "hvp_method": data.get("hvp_method", ""),
+                               "refresh_hvps": data.get("hvps", 0)}
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -336,15 +361,14 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 
 class ProjectedTraining:
-    """Drives a run: steps, refreshes, logging and checkpointing callbacks."""
+    """Drives a run: steps, subspace tracking, audits, logging and checkpointing callbacks."""
 
     def __init__(self, config: TrainConfig, experiment: Experiment, *,
                  on_log: Callable[[StepLog], None], on_refresh: Callable[[RefreshLog], None],
                  on_save: Callable[[ProjectedTraining], None],
-                 progress: Callable[[ProjectedTraining, StepLog | None], None] | None = None
+                 progress: Callable[[ProjectedTraining, StepLog | None], None] | None = None,
+                 on_audit: Callable[[AuditLog], None] | None = None,
                  ) -> None:
-        import torch
-
         from subspace_cli.hessian import select_parameters
         from subspace_cli.spectrum import resolve_device, torch_dtype
 
@@ -366,12 +390,28 @@ class ProjectedTraining:
         self.optimizer = FlatOptimizer(config, self.theta)
         self.sampler = (BatchSampler(len(self.data), config.batch_size, config.seed)
                         if config.batch_size is not None else None)
-        self.basis = torch.zeros((0, n), device=self.device, dtype=self.dtype)
-        self.eigenvalues = torch.zeros(0, dtype=torch.float64)
+        self.tracker = SubspaceTracker(
+            config.tracker_settings(), self._operator, on_refresh=on_refresh, n_params=n,
+            device=self.device, dtype=self.dtype, hvp_method=config.hvp_method)
         self.state = RunState()
         self.on_log, self.on_refresh, self.on_save = on_log, on_refresh, on_save
+        self.on_audit = on_audit
         self.progress = progress
         self._started = time.perf_counter()
+
+    @property
+    def basis(self) -> torch.Tensor:
+        """The subspace in use (k orthonormal rows; none before the first refresh)."""
+        return self.tracker.basis
+
+    @property
+    def eigenvalues(self) -> torch.Tensor:
+        return self.tracker.eigenvalues
+
+    @property
+    def hvps(self) -> int:
+        """HVPs of the run: refreshes and drift checks (audits are counted apart)."""
+        return self.tracker.hvps
 
     # -- state -----------------------------------------------------------------------------
 
@@ -379,9 +419,13 @@ class ProjectedTraining:
         tensors = {f"optimizer.{k}": v.detach().cpu() for k, v in self.optimizer.state.items()}
         if self.sampler is not None:
             tensors.update(self.sampler.state())
-        tensors["subspace.basis"] = self.basis.detach().cpu()
-        tensors["subspace.eigenvalues"] = self.eigenvalues.detach().cpu()
+        tensors.update(self.tracker.tensors())
         return tensors
+
+    def run_state(self) -> RunState:
+        """The run state to save, with the tracker's scalars."""
+        self.state.tracker = self.tracker.state_dict()
+        return self.state
 
     def load_state(self, tensors: dict[str, torch.Tensor], state: RunState) -> None:
         for key in list(self.optimizer.state):
@@ -389,8 +433,7 @@ class ProjectedTraining:
                 self.device, self.optimizer.state[key].dtype).clone()
         if self.sampler is not None:
             self.sampler.load(tensors)
-        self.basis = tensors["subspace.basis"].to(self.device, self.dtype).clone()
-        self.eigenvalues = tensors["subspace.eigenvalues"].clone()
+        self.tracker.load(state.tracker, tensors)
         self.state = state
         self._started = time.perf_counter() - state.wall_time
 
@@ -404,49 +447,37 @@ class ProjectedTraining:
             indices=indices,
         )
 
-    def _refresh(self) -> None:
-        """Recompute the top-k eigenspace at the current parameters (warm start)."""
-        import torch
-
-        from subspace_cli.eigensolver import subspace_overlap
-        from subspace_cli.spectrum import SpectrumSettings, compute_spectrum
+    def _operator(self, method: str, dtype: str | None = None) -> Any:
+        """The full-data Hessian operator at the current θ."""
+        from subspace_cli.spectrum import SpectrumSettings, hessian_operator
 
         c = self.config
-        if c.k == 0:  # the dominant subspace is {0}: P_0 = 0, the bulk is everything
-            self.state.basis_step = self.state.step
-            return
         set_parameters(self.model, self.layout, self.theta)
-        method = self.state.hvp_method or c.hvp_method
         settings = SpectrumSettings(
-            k=c.k, tol=c.tol, max_hvps=c.max_hvps, block_size=c.block_size, dtype=c.dtype,
-            device=str(self.device), chunk_size=c.chunk_size, train_mode=c.train_mode_hessian,
-            hvp_method=method, seed=c.seed,
+            k=c.k, dtype=dtype or c.dtype, device=str(self.device), chunk_size=c.chunk_size,
+            train_mode=c.train_mode_hessian, hvp_method=method, seed=c.seed,
         )
-        init = self.basis if self.basis.shape[0] else None
-        run = compute_spectrum(self.experiment, settings, init=init)
-        self.state.hvp_method = run.hvp_method or method
-        new = run.result.eigenvectors.to(self.device, self.dtype)
-        overlap = subspace_overlap(self.basis, new) if self.basis.shape[0] else float("nan")
-        self.basis = new
-        self.eigenvalues = run.result.eigenvalues.detach().cpu().to(torch.float64)
-        self.state.basis_step = self.state.step
-        self.state.hvps += run.result.hvp_count
-        residuals = [float(r) for r in run.result.residuals]
-        self.on_refresh(RefreshLog(
-            step=self.state.step, hvps=run.result.hvp_count, seconds=run.result.seconds,
-            max_residual=max(residuals), all_converged=run.result.all_converged,
-            overlap_previous=overlap, residuals=residuals,
-        ))
+        return hessian_operator(self.experiment, settings)
 
     def _needs_subspace(self, logging: bool) -> bool:
         c, s = self.config, self.state
         if c.k == 0 or (c.mode == "none" and not logging and c.start_when_aligned is None):
             return False
-        due = s.basis_step < 0 or s.step - s.basis_step >= c.refresh_every
-        if not due:
-            return False
         return s.projecting or logging or c.start_when_aligned is not None or (
             c.mode != "none" and s.step >= c.start_step)
+
+    def _update_subspace(self) -> StepInfo:
+        info = self.tracker.update(self.state.step)
+        c = self.config
+        if c.audit_every and self.state.step % c.audit_every == 0:
+            started = time.perf_counter()
+            op = self._operator(self.tracker.state.hvp_method or c.hvp_method)
+            audit = self.tracker.audit(self.state.step, op)
+            self.state.audit_seconds += time.perf_counter() - started
+            info.audit_overlap = audit.overlap
+            if self.on_audit is not None:
+                self.on_audit(audit)
+        return info
 
     # -- one step --------------------------------------------------------------------------
 
@@ -456,8 +487,7 @@ class ProjectedTraining:
 
         c, s = self.config, self.state
         logging = s.step % c.log_every == 0
-        if self._needs_subspace(logging):
-            self._refresh()
+        info = self._update_subspace() if self._needs_subspace(logging) else None
 
         full_gradient = None
         full_loss = full_acc = chi = float("nan")
@@ -477,8 +507,8 @@ class ProjectedTraining:
                 s.projecting, s.switch_step = True, s.step
         elif c.start_when_aligned is None and not s.projecting and s.step >= c.start_step:
             s.projecting, s.switch_step = c.mode != "none", s.step if c.mode != "none" else -1
-        if s.projecting and (s.basis_step < 0 or s.step - s.basis_step >= c.refresh_every):
-            self._refresh()
+        if s.projecting and info is None and c.k > 0:
+            info = self._update_subspace()
 
         if c.batch_size is None:
             indices = None
@@ -506,7 +536,7 @@ class ProjectedTraining:
         row = None
         if logging:
             row = self._log_row(full_loss, full_acc, batch_loss, chi, full_gradient, delta,
-                                applied)
+                                applied, info)
         self.theta = self.theta + applied
         if not bool(torch.isfinite(self.theta).all()):
             raise NumericalError(f"the parameters are not finite after step {s.step}")
@@ -515,7 +545,8 @@ class ProjectedTraining:
         return row
 
     def _log_row(self, full_loss: float, full_acc: float, batch_loss: float, chi: float,
-                 g: torch.Tensor | None, delta: torch.Tensor, applied: torch.Tensor) -> StepLog:
+                 g: torch.Tensor | None, delta: torch.Tensor, applied: torch.Tensor,
+                 info: StepInfo | None) -> StepLog:
         import torch
 
         from subspace_cli.alignment import alignment
@@ -533,6 +564,11 @@ class ProjectedTraining:
             eta_dom = _ratio(-float(delta.to(d) @ g_dom.to(d)), float(g_dom.to(d).pow(2).sum()))
             eta_bulk = _ratio(-float(delta.to(d) @ g_bulk.to(d)),
                               float(g_bulk.to(d).pow(2).sum()))
+        basis_step = self.tracker.state.basis_step
+        if info is not None:
+            sharpness, source = info.sharpness, info.sharpness_source
+        else:
+            sharpness, source = (values[0], "stale") if have else (float("nan"), "")
         return StepLog(
             step=s.step,
             train_loss=full_loss,
@@ -540,7 +576,7 @@ class ProjectedTraining:
             minibatch_loss=batch_loss,
             chi=chi,
             chi_update=float(alignment(self.basis, delta[None])[0]) if have else float("nan"),
-            sharpness=values[0] if values else float("nan"),
+            sharpness=sharpness if k else float("nan"),
             two_over_lr=2.0 / c.lr,
             update_dom_norm=float(dom.norm()),
             update_bulk_norm=float(bulk.norm()),
@@ -550,7 +586,12 @@ class ProjectedTraining:
             chi_ema=s.chi_ema,
             projecting=s.projecting,
             wall_time=time.perf_counter() - self._started,
-            hvps=s.hvps,
+            hvps=self.hvps,
+            subspace_age=s.step - basis_step if have else -1,
+            drift_estimate=info.drift_estimate if info is not None else float("nan"),
+            audit_overlap=info.audit_overlap if info is not None else float("nan"),
+            eigenvalues_step=basis_step if have else -1,
+            sharpness_source=source if k else "",
             eigenvalues=values,
         )
 

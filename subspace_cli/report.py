@@ -45,6 +45,7 @@ class Run:
     loss: str | None = None
     notes: list[str] = field(default_factory=list)
     label: str = ""
+    audit: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -177,7 +178,8 @@ def load_run(run_dir: Path) -> Run:
     key = stored.get("start_sha256") or _checkpoint_sha256(Path(start)) or f"{start}@{start_step}"
     return Run(path=run_dir, config=config, log=data["log"], start_checkpoint=start,
                start_step=start_step, start_key=key,
-               loss=(stored.get("spec") or {}).get("loss"), notes=notes)
+               loss=(stored.get("spec") or {}).get("loss"), notes=notes,
+               audit=data.get("audit") or {})
 
 
 @functools.cache
@@ -262,6 +264,7 @@ def summarize(run: Run) -> dict[str, Any]:
     projecting = log["projecting"].astype(bool) if n else np.zeros(0, dtype=bool)
     after = projecting if projecting.any() else np.ones(n, dtype=bool)
     sharpness = _last_finite(log["sharpness"]) if n else None
+    overlaps = np.asarray(run.audit.get("overlap", ()), dtype=float)
     return {
         "run": str(run.path),
         "label": run.label or run.base_label,
@@ -287,7 +290,12 @@ def summarize(run: Run) -> dict[str, Any]:
         "final_loss_vs_none": None,
         "compared_at_step": None,
         "hvps": int(log["hvps"][-1]) if n else 0,
+        "hvps_per_step": int(log["hvps"][-1]) / (int(log["step"][-1]) + 1) if n else None,
         "wall_seconds": float(log["wall_time"][-1]) if n else 0.0,
+        "refresh": c.get("refresh", "warm"),
+        "audits": len(overlaps),
+        "audit_overlap_min": float(overlaps.min()) if len(overlaps) else None,
+        "audit_overlap_median": float(np.median(overlaps)) if len(overlaps) else None,
         "notes": list(run.notes),
     }
 
@@ -354,7 +362,7 @@ def _fmt(value: Any, spec: str = ".4g") -> str:
 
 RUN_HEADERS = ["run", "method", "lr", "B", "k", "steps", "switch", "loss start", "loss final",
                "÷ none (step)", "acc final", "χ after switch", "η_dom", "η_bulk", "λ1 final",
-               "2/η"]
+               "2/η", "HVPs/step", "audit min"]
 
 
 def run_row(s: dict[str, Any]) -> list[str]:
@@ -364,7 +372,8 @@ def run_row(s: dict[str, Any]) -> list[str]:
             _vs_none(s), _fmt(s["final_train_accuracy"], ".4f"),
             _fmt(s["mean_chi_after_switch"], ".4f"), _fmt(s["mean_eta_dom"], ".4g"),
             _fmt(s["mean_eta_bulk"], ".4g"), _fmt(s["final_sharpness"], ".5g"),
-            _fmt(s["two_over_lr"], "g")]
+            _fmt(s["two_over_lr"], "g"), _fmt(s["hvps_per_step"], ".3g"),
+            _fmt(s["audit_overlap_min"], ".6f")]
 
 
 def _vs_none(s: dict[str, Any]) -> str:
@@ -631,6 +640,41 @@ def plot_eta(groups: Sequence[Sequence[Run]], colors: dict[Path, Any]) -> Any | 
     return fig
 
 
+def plot_audit(groups: Sequence[Sequence[Run]], colors: dict[Path, Any]) -> Any | None:
+    """1 − audited overlap of the subspace in use with the exact top-k subspace against step
+    (log scale), with each run's --subspace-tol; None when no run was audited."""
+    if not any(len(r.audit.get("step", ())) for g in groups for r in g):
+        return None
+    fig, axes = _grid(len(groups))
+    for ax, group in zip(axes, groups, strict=False):
+        tols, drawn = set(), False
+        for run in group:
+            steps = run.audit.get("step", np.zeros(0))
+            if not len(steps):
+                continue
+            drawn = True
+            distance = np.clip(1.0 - run.audit["overlap"], 1e-12, None)
+            ax.plot(steps, distance, marker="o", markersize=3, color=colors[run.path],
+                    label=f"{run.label} ({run.config.get('refresh', 'warm')})", linewidth=1.2)
+            if run.config.get("refresh") == "track":
+                tols.add(float(run.config.get("subspace_tol", 1e-3)))
+        for tol in sorted(tols):
+            ax.axhline(tol, color="black", linestyle="--", linewidth=1,
+                       label=f"--subspace-tol {tol:g}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("1 − ‖V Uᵀ‖²_F / k")
+        ax.set_title(f"Audited distance of the subspace in use from the exact top-k\n"
+                     f"{_group_heading(group)}")
+        if not drawn:
+            ax.text(0.5, 0.5, "no audited run (--audit-every M)", ha="center",
+                    transform=ax.transAxes)
+            continue
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    return fig
+
+
 def plot_spectra(entries: Sequence[SpectraEntry]) -> Any | None:
     if not entries:
         return None
@@ -712,6 +756,8 @@ def write_plots(out_dir: Path, groups: Sequence[Sequence[Run]], entries: Sequenc
              "no run logged eigenvalues (k = 0)"),
             ("eta", lambda: plot_eta(groups, colors),
              "no run logged η_dom or η_bulk (they need a subspace)"),
+            ("audit", lambda: plot_audit(groups, colors),
+             "no run was audited (project-train --audit-every M)"),
         ]
     if entries:
         makers += [

@@ -1,5 +1,8 @@
 """The run file ``RUN_DIR/run.h5`` of ``project-train`` (specified in docs/format.md).
 
+Three tables: ``log`` (one row per logged step), ``refresh`` (one row per recomputation of the
+subspace) and ``audit`` (one row per audit against a cold tight solve).
+
 Rows are appended to resizable datasets and the file is closed (flushed) after every append.
 At each checkpoint a copy is published atomically as ``run.h5.bak``, so a run killed in the
 middle of an append is resumed from an intact log. On resume, rows at or after the resumed
@@ -18,17 +21,46 @@ import numpy as np
 
 from subspace_cli.checkpoint import publish, temporary_sibling
 from subspace_cli.errors import InputError
-from subspace_cli.projected import RefreshLog, StepLog
+from subspace_cli.projected import AuditLog, RefreshLog, StepLog
 
 FORMAT_NAME = "subspace-run"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 LOG = "log"
 REFRESH = "refresh"
+AUDIT = "audit"
+TABLES = ((LOG, StepLog), (REFRESH, RefreshLog), (AUDIT, AuditLog))
+#: What a column added in a later minor version holds for rows written before it existed.
+_FILL = {"int": -1, "bool": False, "str": "", "float": np.nan}
 
 
-def _vector_fields(cls: type) -> dict[str, str]:
-    """Fields stored as 2-D datasets (one row of k values per entry)."""
-    return {"eigenvalues": "k"} if cls is StepLog else {"residuals": "k"}
+def _kind(field: Any) -> str:
+    """``vector`` (k values per row), ``int``, ``bool``, ``str`` or ``float``."""
+    name = str(field.type)
+    return "vector" if name.startswith("list") else name if name in _FILL else "float"
+
+
+def _ensure_layout(f: Any, k: int) -> None:
+    """Create every table and column that is missing (all of them in a new file; the columns
+    of later minor versions in an older one, filled with NaN, -1, "" or False)."""
+    import h5py
+
+    for group_name, cls in TABLES:
+        group = f.require_group(group_name)
+        n = group["step"].shape[0] if "step" in group else 0
+        for field in fields(cls):
+            if field.name in group:
+                continue
+            kind = _kind(field)
+            if kind == "vector":
+                # k = 0 (no subspace) needs an unlimited width for a valid chunk shape
+                group.create_dataset(field.name, shape=(n, k), maxshape=(None, k if k else None),
+                                     dtype="f8", chunks=(256, max(k, 1)), fillvalue=np.nan)
+                continue
+            dtype = {"int": "i8", "bool": "?", "str": h5py.string_dtype()}.get(kind, "f8")
+            dataset = group.create_dataset(field.name, shape=(n,), maxshape=(None,),
+                                           dtype=dtype, chunks=(1024,))
+            if n:
+                dataset[:] = np.full(n, _FILL[kind], dtype=object if kind == "str" else None)
 
 
 def create(path: Path, config: dict[str, Any], command: str) -> None:
@@ -41,26 +73,14 @@ def create(path: Path, config: dict[str, Any], command: str) -> None:
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["config"] = json.dumps(config, sort_keys=True)
             f.attrs["command"] = command
-            k = int(config["k"])
-            for group_name, cls in ((LOG, StepLog), (REFRESH, RefreshLog)):
-                group = f.create_group(group_name)
-                for field in fields(cls):
-                    if field.name in _vector_fields(cls):
-                        # k = 0 (no subspace) needs an unlimited width for a valid chunk shape
-                        group.create_dataset(field.name, shape=(0, k),
-                                             maxshape=(None, k if k else None),
-                                             dtype="f8", chunks=(256, max(k, 1)))
-                    else:
-                        dtype = {"int": "i8", "bool": "?"}.get(str(field.type), "f8")
-                        group.create_dataset(field.name, shape=(0,), maxshape=(None,),
-                                             dtype=dtype, chunks=(1024,))
+            _ensure_layout(f, int(config["k"]))
         publish(tmp, path)
     finally:
         if Path(tmp).exists():
             Path(tmp).unlink()
 
 
-def append(path: Path, group_name: str, rows: list[StepLog] | list[RefreshLog]) -> None:
+def append(path: Path, group_name: str, rows: list[Any]) -> None:
     """Append rows and close the file (flush)."""
     import h5py
 
@@ -77,7 +97,9 @@ def append(path: Path, group_name: str, rows: list[StepLog] | list[RefreshLog]) 
 
 def _columns(rows: list[Any]) -> dict[str, np.ndarray]:
     records = [asdict(row) for row in rows]
-    return {name: np.asarray([r[name] for r in records]) for name in records[0]}
+    return {name: np.asarray([r[name] for r in records],
+                             dtype=object if isinstance(records[0][name], str) else None)
+            for name in records[0]}
 
 
 def backup(path: Path) -> None:
@@ -93,7 +115,8 @@ def backup(path: Path) -> None:
 
 
 def truncate_for_resume(path: Path, step: int) -> None:
-    """Restore from the backup if the run file is damaged, then cut rows with step >= ``step``."""
+    """Restore from the backup if the run file is damaged, cut rows with step >= ``step``, and
+    add the columns of this minor version that an older run file lacks."""
     import h5py
 
     try:
@@ -105,7 +128,9 @@ def truncate_for_resume(path: Path, step: int) -> None:
             raise InputError(f"{path} is damaged and has no backup to restore") from None
         shutil.copyfile(bak, path)
     with h5py.File(path, "a") as f:
-        for group_name in (LOG, REFRESH):
+        _ensure_layout(f, int(json.loads(f.attrs["config"])["k"]))
+        f.attrs["format_version"] = FORMAT_VERSION
+        for group_name, _ in TABLES:
             group = f[group_name]
             steps = group["step"][()]
             keep = int(np.searchsorted(steps, step, side="left"))
@@ -114,7 +139,8 @@ def truncate_for_resume(path: Path, step: int) -> None:
 
 
 def read(path: Path) -> dict[str, Any]:
-    """Config, command and both tables of a run file as NumPy arrays."""
+    """Config, command and the three tables of a run file as NumPy arrays (a table that a 1.0
+    file lacks is an empty dict)."""
     import h5py
 
     if not path.exists():
@@ -130,6 +156,13 @@ def read(path: Path) -> dict[str, Any]:
         return {
             "config": json.loads(f.attrs["config"]),
             "command": str(f.attrs["command"]),
-            LOG: {name: f[LOG][name][()] for name in f[LOG]},
-            REFRESH: {name: f[REFRESH][name][()] for name in f[REFRESH]},
+            **{group: _read_table(f[group]) if group in f else {} for group, _ in TABLES},
         }
+
+
+def _read_table(group: Any) -> dict[str, np.ndarray]:
+    import h5py
+
+    return {name: (group[name].asstr()[()].astype(str)
+                   if h5py.check_string_dtype(group[name].dtype) else group[name][()])
+            for name in group}

@@ -151,3 +151,19 @@ def test_overrides_merge_or_replace(tmp_path):
         resolve_spec(bare, SpecOverrides())
     spec = resolve_spec(bare, SpecOverrides(model="mlp", data="digits", loss="mse"))
     assert spec.model_config == {} and spec.model_from_user and spec.data_from_user
+
+
+def test_float64_weights_load_without_rounding(tmp_path):
+    # A --dtype float64 run writes float64 checkpoints; the float32 model a plugin builds must
+    # not round them on the way in (that broke bit-identical resumes of float64 runs).
+    weights = {"weight": torch.randn(3, 4, dtype=torch.float64) / 3,
+               "bias": torch.randn(3, dtype=torch.float64) / 3}
+    write_checkpoint(tmp_path / "w.safetensors", weights, {})
+    model = torch.nn.Linear(4, 3)
+    load_state_strict(model, read_checkpoint(tmp_path / "w.safetensors"))
+    assert model.weight.dtype == torch.float64
+    assert torch.equal(model.weight, weights["weight"]) and torch.equal(model.bias, weights["bias"])
+    plain = torch.nn.Linear(4, 3)
+    write_checkpoint(tmp_path / "f.safetensors", {k: v.float() for k, v in weights.items()}, {})
+    load_state_strict(plain, read_checkpoint(tmp_path / "f.safetensors"))
+    assert plain.weight.dtype == torch.float32  # float32 weights leave the model as it is

@@ -273,6 +273,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path, fake_plugin):  # noqa: F811
         "0.02",
         "--optimizer",
         "momentum",
+        "--audit-every",
+        "25",
     ]
     whole = _cli([*args, "--out", str(tmp_path / "whole")], env)
     assert whole.wait(timeout=600) == 0, whole.stderr.read().decode()
@@ -292,9 +294,135 @@ def test_kill_and_resume_is_bit_identical(tmp_path, fake_plugin):  # noqa: F811
     a = read_checkpoint(tmp_path / "whole" / "last.safetensors").tensors
     b = read_checkpoint(tmp_path / "cut" / "last.safetensors").tensors
     assert all(torch.equal(a[name], b[name]) for name in a)
-    log_a = runlog.read(tmp_path / "whole" / "run.h5")["log"]
-    log_b = runlog.read(tmp_path / "cut" / "run.h5")["log"]
-    assert list(log_b["step"]) == list(range(300))  # no duplicated or missing rows
-    for name in log_a:
-        if name != "wall_time":
-            np.testing.assert_array_equal(log_a[name], log_b[name], err_msg=name)
+    run_a = runlog.read(tmp_path / "whole" / "run.h5")
+    run_b = runlog.read(tmp_path / "cut" / "run.h5")
+    assert list(run_b["log"]["step"]) == list(range(300))  # no duplicated or missing rows
+    assert list(run_b["audit"]["step"]) == list(range(0, 300, 25))
+    for table in ("log", "refresh", "audit"):
+        for name in run_a[table]:
+            if name not in ("wall_time", "seconds"):
+                np.testing.assert_array_equal(run_a[table][name], run_b[table][name],
+                                              err_msg=f"{table}/{name}")
+
+
+def test_tracker_on_a_constant_hessian_refreshes_ever_less_often(tmp_path, fake_plugin):  # noqa: F811
+    # The toy loss is quadratic: the subspace never moves, so the tracker's interval doubles
+    # after every refresh and every audit finds the subspace exact.
+    out, summary = train(tmp_path, "track", "--mode", "dom", "-k", "2", "--steps", "16",
+                         "--batch-size", "4", "--audit-every", "4")
+    data = runlog.read(out / "run.h5")
+    refresh, audit, log = data["refresh"], data["audit"], data["log"]
+    assert list(refresh["step"]) == [0, 1, 3, 7, 15]
+    assert list(refresh["reason"]) == ["start"] + ["interval"] * 4
+    assert list(log["subspace_age"]) == [0, 0, 1, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 0]
+    assert list(log["eigenvalues_step"]) == [0, 1, 1, 3, 3, 3, 3, 7, 7, 7, 7, 7, 7, 7, 7, 15]
+    assert list(log["sharpness_source"][:3]) == ["refresh", "refresh", "rayleigh"]
+    assert list(audit["step"]) == [0, 4, 8, 12]
+    assert (audit["overlap"] > 1 - 1e-9).all()
+    np.testing.assert_array_equal(log["audit_overlap"][[0, 4, 8, 12]], audit["overlap"])
+    assert np.isnan(np.delete(log["audit_overlap"], [0, 4, 8, 12])).all()
+    # A drift check (3 HVPs: u₁, u_k, g₁) leaves its estimate on the row; skipped steps NaN.
+    checks = int(np.isfinite(log["drift_estimate"]).sum())
+    assert 0 < checks < 15 and list(log["sharpness_source"]).count("rayleigh") == checks - 4
+    assert summary["hvps"] == int(refresh["hvps"].sum()) + 3 * checks
+    assert summary["hvps_per_step"] == pytest.approx(summary["hvps"] / 16)
+    assert summary["audit_overlap_min"] == pytest.approx(float(audit["overlap"].min()))
+    assert summary["audit_hvps"] == int(audit["hvps"].sum()) and summary["audits"] == 4
+    assert summary["refresh"] == "track" and summary["refreshes"] == 5
+
+
+def test_fixed_schedules_and_their_usage_errors(tmp_path, fake_plugin):  # noqa: F811
+    common = ["--mode", "bulk", "-k", "2", "--steps", "5", "--batch-size", "4"]
+    warm, s_warm = train(tmp_path, "warm", *common, "--refresh-every", "2")
+    cold, s_cold = train(tmp_path, "cold", *common, "--refresh", "cold")
+    assert s_warm["refresh"] == "warm" and s_cold["refresh"] == "cold"
+    assert list(runlog.read(warm / "run.h5")["refresh"]["step"]) == [0, 2, 4]
+    refresh = runlog.read(cold / "run.h5")["refresh"]
+    assert list(refresh["step"]) == [0, 1, 2, 3, 4]
+    assert list(refresh["reason"]) == ["start"] + ["schedule"] * 4
+    assert s_cold["hvps"] == int(refresh["hvps"].sum())  # no drift checks on a schedule
+    bad = run("project-train", str(tmp_path / "start.safetensors"), "--out",
+              str(tmp_path / "bad"), "--refresh", "track", "--refresh-every", "3")
+    assert bad.exit_code == 2 and "does not combine" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_tracker_keeps_a_moving_subspace_within_tolerance(tmp_path):
+    # A real network (tanh MLP on 60 digits, 385 parameters) at a large step: the subspace
+    # moves, every step is audited against a cold float64 solve. Never refreshing it would
+    # leave it 0.2 away by the end; recomputing it every step costs 4× the tracker's HVPs.
+    from test_spectrum_cli import make_checkpoint
+
+    ckpt = tmp_path / "mlp.safetensors"
+    make_checkpoint(ckpt, seed=1)
+    common = ["project-train", str(ckpt), "--mode", "bulk", "-k", "3", "--steps", "30",
+              "--batch-size", "full", "--lr", "0.1", "--dtype", "float64", "--audit-every", "1",
+              "--json"]
+    tracked = run(*common, "--out", str(tmp_path / "track"))
+    warm = run(*common, "--out", str(tmp_path / "warm"), "--refresh", "warm")
+    stale = run(*common, "--out", str(tmp_path / "stale"), "--refresh-every", "30")
+    assert tracked.exit_code == warm.exit_code == stale.exit_code == 0, tracked.stderr
+    t, w = json.loads(tracked.stdout), json.loads(warm.stdout)
+    assert t["audits"] == 30 and t["audit_overlap_min"] >= 1 - 1e-3
+    assert w["audit_overlap_min"] > 1 - 1e-9  # a solve at every step is exact
+    assert json.loads(stale.stdout)["audit_overlap_min"] < 0.9  # the subspace really moves
+    assert t["hvps_per_step"] < w["hvps_per_step"] / 3, (t["hvps_per_step"], w["hvps_per_step"])
+    data = runlog.read(tmp_path / "track" / "run.h5")
+    assert (data["audit"]["overlap"] >= 1 - 1e-3).all()
+    assert set(data["refresh"]["reason"][1:]) <= {"interval", "drift"}
+
+
+def test_a_run_from_before_the_tracker_resumes_on_its_warm_schedule(tmp_path, fake_plugin):  # noqa: F811
+    import h5py
+
+    from subspace_cli.checkpoint import write_checkpoint
+
+    args = ["--mode", "bulk", "-k", "2", "--steps", "6", "--batch-size", "4",
+            "--save-every", "3", "--refresh-every", "1", "--hvp-method", "reverse-loop"]
+    whole, _ = train(tmp_path, "whole", *args)
+    old, _ = train(tmp_path, "old", *args)
+    # Turn `old` into a format-1.0 run directory stopped after step 3, as the tool wrote it.
+    for name in ("step_0000006.safetensors", "step_0000006.state.safetensors"):
+        (old / name).unlink()
+    config = json.loads((old / "config.json").read_text())
+    for key in ("refresh", "subspace_tol", "guard", "max_check_gap", "audit_every", "audit_tol"):
+        del config["config"][key]
+    (old / "config.json").write_text(json.dumps(config))
+    state_file = old / "step_0000003.state.safetensors"
+    state = read_checkpoint(state_file)
+    new_state = json.loads(state.metadata["subspace.run_state"])
+    tracker = new_state.pop("tracker")
+    del new_state["audit_seconds"]
+    new_state.update(basis_step=tracker["basis_step"], hvps=tracker["refresh_hvps"],
+                     hvp_method=tracker["hvp_method"])
+    tensors = {k: v for k, v in state.tensors.items() if not k.startswith("subspace.guard")}
+    write_checkpoint(state_file, tensors, {**state.metadata,
+                                           "subspace.run_state": json.dumps(new_state)},
+                     overwrite=True)
+    with h5py.File(old / "run.h5", "a") as f:
+        f.attrs["format_version"] = "1.0"
+        del f["audit"]
+        for name in ("subspace_age", "drift_estimate", "audit_overlap", "eigenvalues_step",
+                     "sharpness_source"):
+            del f["log"][name]
+        for name in ("reason", "age", "stopped_on", "subspace_error", "drift_estimate",
+                     "next_interval"):
+            del f["refresh"][name]
+        old_config = json.loads(f.attrs["config"])
+        for key in ("refresh", "subspace_tol", "guard", "max_check_gap", "audit_every",
+                    "audit_tol"):
+            del old_config[key]
+        f.attrs["config"] = json.dumps(old_config)
+
+    resumed = run("project-train", "--resume", str(old), "--json")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["refresh"] == "warm"
+    assert torch.equal(final_params(old), final_params(whole))
+    data = runlog.read(old / "run.h5")
+    log, refresh = data["log"], data["refresh"]
+    assert list(log["step"]) == list(range(6)) and list(refresh["step"]) == list(range(6))
+    assert list(log["subspace_age"]) == [-1, -1, -1, 0, 0, 0]  # old rows: filled with -1
+    assert list(refresh["reason"]) == ["", "", "", "schedule", "schedule", "schedule"]
+    assert np.isnan(log["drift_estimate"]).all() and len(data["audit"]["step"]) == 0
+    with h5py.File(old / "run.h5", "r") as f:
+        assert f.attrs["format_version"] == "1.1"

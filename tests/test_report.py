@@ -17,7 +17,7 @@ from plugin_fixtures import fake_plugin, linear_checkpoint, run_cli  # noqa: F40
 
 from subspace_cli import runlog
 
-PLOTS = ["loss", "chi", "eigenvalues", "eta"]
+PLOTS = ["loss", "chi", "eigenvalues", "eta", "audit"]
 
 
 def train(workdir: Path, start: Path, name: str, *args: str) -> Path:
@@ -37,7 +37,7 @@ def runs(tmp_path, fake_plugin):  # noqa: F811
     made = {
         "none": train(tmp_path, start, "none", "--mode", "none"),
         "dom": train(tmp_path, start, "dom", "--mode", "dom", "--start-step", "3"),
-        "bulk": train(tmp_path, start, "bulk", "--mode", "bulk"),
+        "bulk": train(tmp_path, start, "bulk", "--mode", "bulk", "--audit-every", "2"),
         "other": train(tmp_path, other, "other", "--mode", "bulk", "--lr", "0.05"),
     }
     return made
@@ -116,6 +116,10 @@ def test_table_markdown_and_csv_carry_the_same_numbers(runs):
         assert final in table and final in markdown
     assert markdown.startswith("### start: ") and "| run " in markdown
     assert "Bulk-SGD" in table and "loss final" in table
+    bulk = payload["runs"][1]
+    assert bulk["audits"] == 4 and bulk["audit_overlap_min"] > 1 - 1e-9  # a constant Hessian
+    assert payload["runs"][0]["audits"] == 0 and payload["runs"][0]["audit_overlap_min"] is None
+    assert f"{bulk['audit_overlap_min']:.6f}" in table and "audit min" in table
 
 
 def test_plots_and_files_written(runs, tmp_path):
@@ -129,7 +133,7 @@ def test_plots_and_files_written(runs, tmp_path):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert b"<svg" in (out / "loss.svg").read_bytes()[:2000]
     saved = json.loads((out / "summary.json").read_text())
-    assert len(saved["runs"]) == 4 and len(saved["plots"]) == 8
+    assert len(saved["runs"]) == 4 and len(saved["plots"]) == 10
     assert "![loss](loss.png)" in (out / "report.md").read_text()
     assert len(list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))) == 4
     assert not list(out.glob(".*.tmp")), "temporary files left behind"
@@ -149,7 +153,7 @@ def test_k0_run_skips_subspace_plots_with_a_note(tmp_path, fake_plugin):  # noqa
     result = report(run_dir, "-o", out)
     assert result.exit_code == 0, result.stderr
     assert (out / "loss.png").exists()
-    for stem in ("chi", "eigenvalues", "eta"):
+    for stem in ("chi", "eigenvalues", "eta", "audit"):
         assert not (out / f"{stem}.png").exists()
         assert f"skipped {stem} plot" in result.stderr
     assert "Traceback" not in result.stderr
@@ -255,8 +259,10 @@ def test_reading_does_not_lock_out_a_writer(runs, monkeypatch):
     assert opened and all(locking is False for locking in opened)
 
     path = runs["bulk"] / "run.h5"
-    row = RefreshLog(step=99, hvps=1, seconds=0.1, max_residual=0.0, all_converged=True,
-                     overlap_previous=1.0, residuals=[0.0, 0.0])
+    row = RefreshLog(step=99, reason="interval", age=4, hvps=1, seconds=0.1, max_residual=0.0,
+                     all_converged=True, stopped_on="subspace", subspace_error=0.0,
+                     overlap_previous=1.0, drift_estimate=0.0, next_interval=8.0,
+                     residuals=[0.0, 0.0])
     reader = _hold_open(path, locking=True)  # what a locking reader would do to the trainer
     try:
         with pytest.raises(OSError, match="lock"):

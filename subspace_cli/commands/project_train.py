@@ -37,6 +37,8 @@ def batch_size_type(value: str) -> int | None:
   subspace project-train ckpt.safetensors --mode dom --optimizer adam --lr 1e-3 --out runs/dom-adam
   subspace project-train ckpt.safetensors --mode bulk --batch-size full --lr 0.05 --out runs/bulk-gd
   subspace project-train ckpt.safetensors --mode dom --start-when-aligned 0.95 --out runs/switch
+  subspace project-train ckpt.safetensors --mode dom --audit-every 20 --out runs/dom-audited
+  subspace project-train ckpt.safetensors --mode dom --refresh cold --out runs/dom-paper
   subspace project-train --resume runs/bulk
 """))
 @click.argument("checkpoint", required=False)
@@ -72,8 +74,31 @@ def batch_size_type(value: str) -> int | None:
 @click.option("--project-state", is_flag=True,
               help="Also project momentum buffers and Adam's first moment (default: unprojected, "
                    "as in the paper's code).")
-@click.option("--refresh-every", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Recompute the subspace every N steps (warm-started).")
+@click.option("--refresh", type=click.Choice(["track", "warm", "cold"]), default=None,
+              help="How the subspace is kept current: track it within --subspace-tol (adaptive "
+                   "warm refreshes and 3-HVP drift checks), or recompute it every "
+                   "--refresh-every steps warm-started (warm) or from a random start (cold, the "
+                   "paper's recipe) [default: track; warm when --refresh-every is given].")
+@click.option("--refresh-every", type=click.IntRange(min=1), default=None,
+              help="With --refresh warm or cold: recompute every N steps [default: 1].")
+@click.option("--subspace-tol", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=1e-3, show_default=True,
+              help="--refresh track: the target on 1 − overlap(subspace in use, exact top-k) at "
+                   "every step.")
+@click.option("--guard", type=click.IntRange(min=0), default=2, show_default=True,
+              help="--refresh track: extra Ritz vectors kept for the next warm refresh and "
+                   "watched by the drift check (at least 1).")
+@click.option("--max-check-gap", type=click.IntRange(min=1), default=8, show_default=True,
+              help="--refresh track: at most N steps between drift checks (3 HVPs each; they "
+                   "are sparser while the subspace is far from stale). 1 checks every step, "
+                   "which also logs the sharpness u₁ᵀHu₁ at every step.")
+@click.option("--audit-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Every M steps, compute the exact top-k subspace by a cold solve at "
+                   "--audit-tol and log its overlap with the subspace in use (0: never). Its "
+                   "HVPs are counted apart from the run's.")
+@click.option("--audit-tol", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Residual tolerance of the audit's solve [default: 1e-6 float32, 1e-10 "
+                   "float64].")
 @click.option("--start-step", type=click.IntRange(min=0), default=0, show_default=True,
               help="Train unprojected until this step.")
 @click.option("--start-when-aligned", type=click.FloatRange(0, 1, min_open=True, max_open=True),
@@ -109,17 +134,25 @@ def project_train_command(ctx: click.Context, checkpoint: str | None, out: str |
 
     The base optimizer's update Δθ is projected onto the top-k eigenspace
     of the full-training-set Hessian (dom), onto its orthogonal complement
-    (bulk), or mixed; the subspace is recomputed every --refresh-every
-    steps. Every --log-every steps a row is appended to RUN_DIR/run.h5:
+    (bulk), or mixed. By default the subspace is tracked: kept within
+    --subspace-tol of the exact top-k subspace at every step by adaptive warm
+    refreshes and 3-HVP drift checks (--audit-every M checks that against a
+    cold tight solve). Every --log-every steps a row is appended to
+    RUN_DIR/run.h5:
     full-batch loss and accuracy, χ_k of the full gradient and of the
     update, the top-k eigenvalues (sharpness λ1 beside 2/η), the norms of
-    P_kΔθ and (I−P_k)Δθ, effective learning rates η_dom and η_bulk, time
-    and HVPs. Checkpoints with optimizer and RNG state are written every
+    P_kΔθ and (I−P_k)Δθ, effective learning rates η_dom and η_bulk, time,
+    HVPs, the subspace's age and drift estimate and the audited overlap.
+    Checkpoints with optimizer and RNG state are written every
     --save-every steps; --resume continues bit-identically after Ctrl-C or
     kill -9.
     """
     from subspace_cli.errors import UsageError
 
+    if options["refresh"] is None:
+        options["refresh"] = "warm" if options["refresh_every"] is not None else "track"
+    if options["refresh_every"] is None:
+        options["refresh_every"] = 1
     if resume:
         if checkpoint or out:
             raise UsageError("--resume RUN_DIR takes no CHECKPOINT or --out")
@@ -187,6 +220,8 @@ def resume_run(run_dir: Path, steps: int | None, *, quiet: bool) -> dict[str, An
     if not config_path.exists():
         raise InputError(f"{run_dir} has no config.json: not a project-train run directory")
     stored = json.loads(config_path.read_text())
+    # A run from before the tracker recomputed warm every --refresh-every steps.
+    stored["config"].setdefault("refresh", "warm")
     config = TrainConfig(**stored["config"])
     if steps is not None:
         config = dataclasses.replace(config, steps=steps)
@@ -249,6 +284,9 @@ def _drive(run_dir: Path, config: Any, experiment: Any, stored: dict[str, Any], 
     def on_refresh(row: Any) -> None:
         runlog.append(run_file, runlog.REFRESH, [row])
 
+    def on_audit(row: Any) -> None:
+        runlog.append(run_file, runlog.AUDIT, [row])
+
     def on_save(training: ProjectedTraining) -> None:
         step = training.state.step
         meta = experiment.spec.to_metadata(step=start_step + step)
@@ -256,7 +294,7 @@ def _drive(run_dir: Path, config: Any, experiment: Any, stored: dict[str, Any], 
         meta["subspace.run"] = json.dumps({"mode": config.mode, "optimizer": config.optimizer,
                                            "lr": config.lr, "k": config.k,
                                            "run_dir": str(run_dir)}, sort_keys=True)
-        state_meta = {"subspace.run_state": training.state.to_json(),
+        state_meta = {"subspace.run_state": training.run_state().to_json(),
                       "subspace.format_version": "1"}
         write_checkpoint(run_path(run_dir, step, state=True), training.state_tensors(),
                          state_meta, overwrite=True)
@@ -274,10 +312,12 @@ def _drive(run_dir: Path, config: Any, experiment: Any, stored: dict[str, Any], 
                 info = f"loss {row.train_loss:.4g}"
                 if not math.isnan(row.chi):
                     info += f"  χ {row.chi:.3f}"
+            if training.state.step and training.hvps:
+                info += f"  {training.hvps / training.state.step:.1f} HVPs/step"
             bar.update(completed=training.state.step, info=info)
 
         training = ProjectedTraining(config, experiment, on_log=on_log, on_refresh=on_refresh,
-                                     on_save=on_save, progress=progress)
+                                     on_save=on_save, progress=progress, on_audit=on_audit)
         if resumed is not None:
             training.load_state(*resumed)
             bar.update(completed=training.state.step)
@@ -300,7 +340,7 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
     from subspace_cli import runlog
 
     data = runlog.read(run_dir / "run.h5")
-    log, cfg = data["log"], data["config"]
+    log, cfg, audit = data["log"], data["config"], data["audit"]
     steps = log["step"]
     projecting = log["projecting"].astype(bool)
     chi_after = log["chi"][projecting] if projecting.any() else log["chi"]
@@ -321,6 +361,34 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
         "final_train_accuracy": float(log["train_accuracy"][-1]) if len(steps) else None,
         "mean_chi": float(np.nanmean(chi_after)) if len(chi_after) and
         not np.isnan(chi_after).all() else None,
-        "hvps": int(log["hvps"][-1]) if len(steps) else 0,
-        "seconds": float(log["wall_time"][-1]) if len(steps) else 0.0,
+        **_cost(run_dir, cfg, audit),
+    }
+
+
+def _cost(run_dir: Path, cfg: dict[str, Any], audit: dict[str, Any]) -> dict[str, Any]:
+    """HVPs, time and audits of a run, from its newest saved state and its audit table."""
+    import numpy as np
+
+    from subspace_cli.checkpoint import read_checkpoint
+    from subspace_cli.projected import RunState
+
+    latest = _latest_complete(run_dir)
+    state = RunState.from_json(read_checkpoint(latest[1]).metadata["subspace.run_state"]) if (
+        latest) else RunState()
+    tracker = state.tracker
+    hvps = int(tracker.get("refresh_hvps", 0)) + int(tracker.get("check_hvps", 0))
+    done = state.step
+    overlaps = np.asarray(audit.get("overlap", []), dtype=float)
+    return {
+        "refresh": cfg.get("refresh", "warm"),
+        "steps_done": done,
+        "hvps": hvps,
+        "hvps_per_step": hvps / done if done else None,
+        "refreshes": int(tracker.get("refreshes", 0)),
+        "seconds": round(state.wall_time, 3),
+        "audits": int(len(overlaps)),
+        "audit_overlap_min": float(overlaps.min()) if len(overlaps) else None,
+        "audit_overlap_median": float(np.median(overlaps)) if len(overlaps) else None,
+        "audit_hvps": int(tracker.get("audit_hvps", 0)),
+        "audit_seconds": round(state.audit_seconds, 3),
     }
