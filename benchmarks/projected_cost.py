@@ -187,8 +187,11 @@ def main() -> None:
                 if proc.poll() is not None:
                     running.remove(proc)
                     out, _ = proc.communicate()
-                    if proc.returncode:
-                        sys.exit(f"a worker failed (exit {proc.returncode})")
+                    if proc.returncode:  # keep what the other settings measured
+                        print(f"# a worker failed (exit {proc.returncode}); settings done:",
+                              file=sys.stderr)
+                        print(json.dumps(results), file=sys.stderr)
+                        sys.exit(1)
                     results.append(json.loads(out))
         results.sort(key=lambda r: names.index(r["setting"]))
     else:
