@@ -89,7 +89,7 @@ class EigenResult:
             ``subspace_tol`` estimate was met first) or ``"budget"`` (``max_hvps`` spent, or the
             space exhausted).
         subspace_error: Estimate of 1 − overlap between the returned top-k subspace and the
-            exact one, Σᵢ ‖rᵢ‖² / (k·(θᵢ − θ_{k+1})²) (see ``_subspace_error``; NaN when no
+            exact one, Σᵢ ‖rᵢ‖² / (k·(θᵢ − θ_{k+1})²) (see ``_subspace_terms``; NaN when no
             (k+1)-th Ritz value was available).
     """
 
@@ -380,8 +380,9 @@ def top_eigenpairs(
         done = relative <= tol
         if progress is not None:
             progress(hvps, relative[:wanted].clone() if dim >= wanted else None)
-        if dim > wanted:
-            subspace_error = _subspace_error(residual_norms[:wanted], values[:count], wanted)
+        terms = _subspace_terms(residual_norms, values, wanted) if dim > wanted else None
+        if terms is not None:
+            subspace_error = float(terms.sum()) / wanted
         if dim >= wanted and bool(done[:wanted].all()):
             stopped_on = "residual"
             break
@@ -394,10 +395,8 @@ def top_eigenpairs(
         # Next block: residuals of the top unconverged pairs (wanted first, then beyond). When
         # the subspace is the goal, the pairs that add most to its error estimate go first.
         order = [i for i in range(count) if i < wanted and not bool(done[i])]
-        if subspace_tol is not None and dim > wanted:
-            gaps = (values[:wanted] - values[wanted]).clamp_min(torch.finfo(torch.float64).tiny)
-            weight = residual_norms[:wanted].to(torch.float64) / gaps
-            order.sort(key=lambda i: -float(weight[i]))
+        if subspace_tol is not None and terms is not None:
+            order.sort(key=lambda i: -float(terms[i]))
         order += [i for i in range(wanted, count) if i not in order]
         residuals = ritz_images[order] - values[order, None].to(dtype) * ritz_vectors[order]
         if dim + b > max_dim and max_dim < n:
@@ -452,9 +451,10 @@ def _known_images(init: torch.Tensor, init_images: torch.Tensor | None, new: tor
     return transform @ init_images.to(device=new.device, dtype=dtype)
 
 
-def _subspace_error(residual_norms: torch.Tensor, values: torch.Tensor, wanted: int) -> float:
-    """Σᵢ ‖rᵢ‖² / (k·(θᵢ − θ_{k+1})²), an estimate of 1 − ‖X Uᵀ‖²_F / k for the Ritz vectors X
-    and the exact top-k subspace U.
+def _subspace_terms(residual_norms: torch.Tensor, values: torch.Tensor,
+                    wanted: int) -> torch.Tensor:
+    """Per wanted pair, ‖rᵢ‖² / (θᵢ − θ_{k+1})²; their sum over k estimates 1 − ‖X Uᵀ‖²_F / k
+    for the Ritz vectors X and the exact top-k subspace U.
 
     For a unit x with Rayleigh quotient θ > λ_{k+1} and residual r = Hx − θx, the part w of x
     outside U satisfies ‖(I − P_U) r‖ = ‖(H − θ) w‖ ≥ (θ − λ_{k+1}) ‖w‖, so ‖w‖ ≤ ‖r‖ / (θ −
@@ -463,10 +463,9 @@ def _subspace_error(residual_norms: torch.Tensor, values: torch.Tensor, wanted: 
     vectors in a warm start make quick). A pair at or below θ_{k+1} gives infinity.
     """
     gaps = values[:wanted] - values[wanted]
-    if bool((gaps <= 0).any()):
-        return float("inf")
     norms = residual_norms[:wanted].to(torch.float64)
-    return float(((norms / gaps) ** 2).sum()) / wanted
+    return torch.where(gaps > 0, (norms / gaps.clamp_min(torch.finfo(torch.float64).tiny)) ** 2,
+                       torch.full_like(gaps, float("inf")))
 
 
 def arpack_eigenpairs(

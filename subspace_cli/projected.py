@@ -447,14 +447,14 @@ class ProjectedTraining:
             indices=indices,
         )
 
-    def _operator(self, method: str, dtype: str | None = None) -> Any:
+    def _operator(self, method: str) -> Any:
         """The full-data Hessian operator at the current θ."""
         from subspace_cli.spectrum import SpectrumSettings, hessian_operator
 
         c = self.config
         set_parameters(self.model, self.layout, self.theta)
         settings = SpectrumSettings(
-            k=c.k, dtype=dtype or c.dtype, device=str(self.device), chunk_size=c.chunk_size,
+            k=c.k, dtype=c.dtype, device=str(self.device), chunk_size=c.chunk_size,
             train_mode=c.train_mode_hessian, hvp_method=method, seed=c.seed,
         )
         return hessian_operator(self.experiment, settings)

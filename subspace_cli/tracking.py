@@ -267,7 +267,7 @@ class SubspaceTracker:
         interval_due = age >= math.floor(st.interval)
         if not interval_due and step < st.next_check:
             return self._info(step, float("nan"), None)
-        check = self._drift_check(step)
+        check = self._drift_check()
         drift = self._estimate(check)
         threshold = SAFETY * s.subspace_tol
         reason = "interval" if interval_due else "drift" if drift > threshold else None
@@ -332,11 +332,10 @@ class SubspaceTracker:
         observed = max(staleness - check.crossing, 0.0) / check.rho2
         return min(observed, self._kappa_ceiling())
 
-    def _drift_check(self, step: int) -> Check:
+    def _drift_check(self) -> Check:
         """One product with [u₁, u_k, g₁] (3 HVPs; 2 when k = 1) at the current θ."""
         import torch
 
-        del step  # the check is deterministic
         v = self.basis.to(torch.float64)
         g = self.guard.to(torch.float64)
         k, p = v.shape[0], g.shape[0]
