@@ -1,6 +1,6 @@
 """Top-10 Hessian eigenpairs with `subspace` and with its peers, on the same checkpoint and data.
 
-Two cases, both under the paper's MSE convention (0.5·‖f(x) − onehot(y)‖² summed over the
+Three cases, all under the paper's MSE convention (0.5·‖f(x) − onehot(y)‖² summed over the
 outputs, averaged over the samples) and with the model in eval mode:
 
 ``mlp``  the shipped sample ``sample_checkpoints/mlp_mnist1d.safetensors``: fc-tanh
@@ -9,11 +9,15 @@ outputs, averaged over the samples) and with the model in eval mode:
          (1,057,750 parameters), trained here for 300 SGD steps (seed 0) and saved as a checkpoint
          under the cache folder; the Hessian is that of the first 128 samples (``--max-samples``),
          for every tool alike.
+``wide`` the built-in ``mlp`` plugin, fc-tanh 40 → 3100 → 3100 → 10 (9,771,210 parameters) on
+         MNIST-1D, trained here for 300 SGD steps; the Hessian is that of the first 256
+         samples. At this size the solver's own time and memory (the basis) start to matter.
 
 Tools (``--tools``; a peer that is not installed is reported and skipped):
 
 ``ours``                  ``subspace_cli.spectrum.compute_spectrum`` with its defaults
-                          (block Lanczos, float32, tol 1e-4, HVP method ``auto``)
+                          (on a CPU single-vector Lanczos, on CUDA blocks of 2; float32,
+                          tol 1e-4, HVP method ``auto``, kept gradient graphs)
 ``arpack``                the same HVPs, solved by SciPy ``eigsh(which="LA")``
                           (``subspace_cli.eigensolver.arpack_eigenpairs``, tol 1e-4)
 ``pyhessian``             PyHessian 0.1 ``hessian(...).eigenvalues(top_n=10)`` (its defaults
@@ -85,7 +89,7 @@ PEER_MODULES = {
     "curvlinops": "curvlinops",
 }
 SETTINGS = {
-    "ours": "block Lanczos, float32, tol 1e-4 (defaults)",
+    "ours": "defaults: Lanczos (1 vector on a CPU), float32, tol 1e-4, auto HVP",
     "arpack": "eigsh LA, ncv 21, tol 1e-4, our HVPs",
     "pyhessian": "power iteration + deflation, maxIter 100, tol 1e-3 (defaults)",
     "pyhessian-tight": "power iteration + deflation, maxIter 1000, tol 1e-6",
@@ -218,9 +222,9 @@ def run_ours(experiment: Any, x: torch.Tensor, y: torch.Tensor, task: Task) -> T
     run = compute_spectrum(experiment, settings)
     r = run.result
     claimed = f"{sum(r.converged)}/{K}"
-    notes = f"HVP {run.hvp_method}, solver counts {r.hvp_count}"
-    if r.solver == "block-lanczos":
-        notes += f", {r.restarts} restarts"
+    notes = (f"{r.solver}, HVP {run.hvp_method} ({run.method_choice}), solver counts"
+             f" {r.hvp_count}, {r.restarts} restarts, basis {r.basis_bytes / 2**20:.0f} MiB,"
+             f" graphs {run.graphs_kept}/{run.n_chunks} kept ({run.graph_bytes / 2**20:.0f} MiB)")
     return r.eigenvalues.cpu().numpy(), r.eigenvectors.cpu().numpy(), counter[0], claimed, notes
 
 
@@ -446,21 +450,32 @@ def spawn(task: Task, timeout: float) -> dict[str, Any]:
 
 def cnn_checkpoint(cache: Path, channels: int, steps: int) -> Path:
     """Train the ≥1M-parameter CNN briefly (fixed seed) and save it, once per configuration."""
+    return trained_checkpoint(cache / f"cnn_digits_c{channels}_s{steps}.safetensors", "cnn",
+                              {"channels": channels, "kernel_size": 3}, "digits",
+                              {"shape": "image"}, steps)
+
+
+def wide_checkpoint(cache: Path, width: int, steps: int) -> Path:
+    """The ~10M-parameter case: fc-tanh 40 → width → width → 10 on MNIST-1D, trained briefly."""
+    return trained_checkpoint(cache / f"wide_mnist1d_w{width}_s{steps}.safetensors", "mlp",
+                              {"widths": [width, width], "activation": "tanh"}, "mnist1d",
+                              {"n_train": 5000, "seed": 42}, steps)
+
+
+def trained_checkpoint(path: Path, model_name: str, model_options: dict[str, Any],
+                       data_name: str, data_config: dict[str, Any], steps: int) -> Path:
+    """Train a built-in model for ``steps`` SGD steps (lr 0.01, batch 50, seed 0), save it."""
     from subspace_cli.checkpoint import ExperimentSpec, write_checkpoint
     from subspace_cli.experiment import build_data, build_model, complete_model_config
     from subspace_cli.losses import loss_sum
     from subspace_cli.training import evaluate
 
-    path = cache / f"cnn_digits_c{channels}_s{steps}.safetensors"
     if path.exists():
         return path
-    data_config = {"shape": "image"}
-    data = build_data("digits", data_config, from_user=True)
-    model_config = complete_model_config(
-        "cnn", {"channels": channels, "kernel_size": 3}, data, from_user=True
-    )
+    data = build_data(data_name, data_config, from_user=True)
+    model_config = complete_model_config(model_name, model_options, data, from_user=True)
     torch.manual_seed(0)
-    model = build_model("cnn", model_config, from_user=True)
+    model = build_model(model_name, model_config, from_user=True)
     assert data.x is not None and data.y is not None
     generator = torch.Generator().manual_seed(0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -473,12 +488,12 @@ def cnn_checkpoint(cache: Path, channels: int, steps: int) -> Path:
         optimizer.step()
     after = evaluate(model, data, "mse")
     print(
-        f"# trained the CNN for {steps} SGD steps (lr 0.01, batch 50, seed 0) in"
+        f"# trained {path.name} for {steps} SGD steps (lr 0.01, batch 50, seed 0) in"
         f" {time.perf_counter() - started:.0f} s: train loss {before.loss:.4f} -> {after.loss:.4f},"
         f" accuracy {before.accuracy:.3f} -> {after.accuracy:.3f}",
         flush=True,
     )
-    spec = ExperimentSpec("cnn", model_config, "digits", data_config, "mse", step=steps)
+    spec = ExperimentSpec(model_name, model_config, data_name, data_config, "mse", step=steps)
     write_checkpoint(path, model.state_dict(), spec.to_metadata(), overwrite=True)
     return path
 
@@ -623,7 +638,7 @@ def main() -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.split("\n")[2:]),
     )
-    parser.add_argument("--only", choices=("mlp", "cnn"), help="run one case only")
+    parser.add_argument("--only", choices=("mlp", "cnn", "wide"), help="run one case only")
     parser.add_argument(
         "--max-samples",
         type=int,
@@ -641,6 +656,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cnn-channels", type=int, default=340)
     parser.add_argument("--cnn-steps", type=int, default=300)
+    parser.add_argument("--wide-width", type=int, default=3100,
+                        help="hidden width of the wide MLP (3100: 9,771,210 params)")
+    parser.add_argument("--wide-steps", type=int, default=300)
+    parser.add_argument("--wide-samples", type=int, default=256)
     parser.add_argument("--timeout", type=float, default=900, help="seconds per tool run")
     parser.add_argument(
         "--cache",
@@ -697,6 +716,22 @@ def main() -> None:
                 samples,
                 f"cnn-relu, {args.cnn_channels} channels ({n_params:,} params), digits [1, 8, 8],"
                 f" {args.cnn_steps} SGD steps, first {samples} samples",
+            )
+        )
+
+    if args.only in (None, "wide"):
+        path = wide_checkpoint(args.cache, args.wide_width, args.wide_steps)
+        samples = args.max_samples or args.wide_samples
+        from subspace_cli.checkpoint import read_checkpoint
+
+        n_params = read_checkpoint(path).n_elements
+        cases.append(
+            Case(
+                "wide",
+                str(path),
+                samples,
+                f"fc-tanh 40-{args.wide_width}-{args.wide_width}-10 ({n_params:,} params),"
+                f" MNIST-1D, {args.wide_steps} SGD steps, first {samples} samples",
             )
         )
 

@@ -83,6 +83,7 @@ def operator_on(op: HessianOperator, data: TrainingData) -> HessianOperator:
         dtype=op.dtype,
         train_mode=op.train_mode,
         method=op.method or "auto",
+        graph_memory=op.graph_budget,
     )
 
 

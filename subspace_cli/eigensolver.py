@@ -76,7 +76,7 @@ class EigenResult:
         residuals: ``(k + extra,)`` float64 relative residuals ‖H v − λ v‖ / |λ| from real HVPs.
         converged: Per pair, whether its residual is at most ``tol``.
         hvp_count: HVPs this solve applied.
-        solver: ``"block-lanczos"`` or ``"arpack"``.
+        solver: ``"block-lanczos"``, ``"lanczos"`` (single vector) or ``"arpack"``.
         iterations: Block steps (``arpack``: ARPACK restarts are not exposed, 0).
         restarts: Thick restarts.
         seconds: Wall time of the solve.
@@ -88,6 +88,7 @@ class EigenResult:
         stopped_on: ``"residual"`` (every pair reached ``tol``), ``"subspace"`` (the
             ``subspace_tol`` estimate was met first) or ``"budget"`` (``max_hvps`` spent, or the
             space exhausted).
+        basis_bytes: Memory of the solver's basis (and images, for the block solver), in bytes.
         subspace_error: Estimate of 1 − overlap between the returned top-k subspace and the
             exact one, Σᵢ ‖rᵢ‖² / (k·(θᵢ − θ_{k+1})²) (see ``_subspace_terms``; NaN when no
             (k+1)-th Ritz value was available).
@@ -109,6 +110,7 @@ class EigenResult:
     guard_vectors: torch.Tensor | None = None
     stopped_on: str = "residual"
     subspace_error: float = float("nan")
+    basis_bytes: int = 0
 
     @property
     def all_converged(self) -> bool:
@@ -129,6 +131,21 @@ def default_tol(dtype: torch.dtype) -> float:
     if dtype == torch.float32:
         return 1e-4
     return 1e-2
+
+
+def default_block_size(device: torch.device, *, cold: bool) -> int:
+    """``spectrum``'s block size: 1 for a cold solve on a CPU, else :data:`DEFAULT_BLOCK_SIZE`.
+
+    On a CPU core products are not batched (``benchmarks/hvp_methods.py``: one vector at a time
+    was as fast or faster per vector), so one Krylov sequence, which needs the fewest products
+    (:mod:`subspace_cli.lanczos`), is also the fastest. A warm start keeps blocks of 2 (the
+    tracker's refreshes were measured so, ``benchmarks/projected_cost.py``), and so does a GPU,
+    where a block of vectors costs about one launch (unmeasured: no GPU has run this yet).
+    The price of one sequence is ARPACK's: an eigenvalue repeated exactly (the last linear
+    layer alone under MSE has every eigenvalue C times) is seen once; ``--block-size m`` sees
+    up to m copies.
+    """
+    return 1 if cold and torch.device(device).type == "cpu" else DEFAULT_BLOCK_SIZE
 
 
 def default_max_hvps(wanted: int) -> int:
@@ -168,6 +185,15 @@ def _check_request(op: HessianLike, k: int, extra: int, max_hvps: int, tol: floa
     if max_hvps < wanted:
         raise UsageError(f"max_hvps ({max_hvps}) must be at least k + extra ({wanted})")
     return wanted
+
+
+def _check_basis_memory(rows: int, needed: int, row_bytes: int, budget: int) -> None:
+    if rows < needed:
+        raise UsageError(
+            f"the basis needs at least {needed} rows of {row_bytes / 2**20:.1f} MiB"
+            f" ({needed * row_bytes / 2**20:.0f} MiB); --basis-memory allows"
+            f" {budget / 2**20:.0f} MiB"
+        )
 
 
 def _relative(
@@ -269,6 +295,7 @@ def top_eigenpairs(
     guard: int = 0,
     subspace_tol: float | None = None,
     init_images: torch.Tensor | None = None,
+    basis_memory: int | None = None,
 ) -> EigenResult:
     """The k + extra algebraically largest eigenpairs, by thick-restart block Lanczos.
 
@@ -283,7 +310,12 @@ def top_eigenpairs(
         init: ``(j, n)`` starting vectors, e.g. the previous checkpoint's eigenvectors; a warm
             start from the exact answer converges after one block of j HVPs.
         seed: Seed of the random start and fill vectors (a generator on ``op.device``).
-        block_size: Vectors per ``op.matmat`` call (default 2).
+        block_size: Vectors per ``op.matmat`` call (default 2). 1 with a cold start (no
+            ``init``, ``guard`` or ``subspace_tol``) runs
+            :func:`subspace_cli.lanczos.lanczos_eigenpairs`, a single-vector Lanczos that
+            stores no images and needs the fewest products, but, like ARPACK, sees only one
+            copy of an exactly repeated eigenvalue. ``spectrum`` picks it per device
+            (:func:`default_block_size`); the tracker and its audits keep blocks.
         basis_size: Basis vectors held before a thick restart (default
             ``max(3·(k+extra), k+extra+4·block_size)``); memory is 2·basis_size vectors of n.
         progress: Called after every block as ``progress(hvps, residuals_or_None)``.
@@ -296,19 +328,38 @@ def top_eigenpairs(
         init_images: ``(m, n)``: H applied to the first m rows of ``init``, already computed
             (e.g. by a drift check). The first block reuses them instead of applying H again;
             they are not counted in ``hvp_count``.
+        basis_memory: Bytes the basis (and, for the block solver, its images) may hold; the
+            basis is shrunk to fit (``basis_bytes`` of the result says what it held).
 
     Returns:
-        An :class:`EigenResult` with ``solver="block-lanczos"``.
+        An :class:`EigenResult` with ``solver="block-lanczos"`` (``"lanczos"`` for the
+        single-vector path).
     """
     started = time.perf_counter()
     n = op.n_params
     device, op_dtype = op.device, op.dtype
+    cold = (init is None or not init.shape[0]) and init_images is None
+    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+    if block_size == 1 and cold and guard == 0 and subspace_tol is None:
+        from subspace_cli.lanczos import lanczos_eigenpairs
+
+        tol = default_tol(op_dtype) if tol is None else float(tol)
+        max_hvps = default_max_hvps(k + extra) if max_hvps is None else int(max_hvps)
+        wanted = _check_request(op, k, extra, max_hvps, tol)
+        if basis_memory is not None:
+            from subspace_cli.lanczos import default_lanczos_basis
+
+            rows = int(basis_memory) // (8 * n) - 1  # float64 rows, plus the next vector
+            _check_basis_memory(rows, wanted + 1, 8 * n, basis_memory)
+            basis_size = min(basis_size or default_lanczos_basis(wanted), rows)
+        return lanczos_eigenpairs(op, k, extra=extra, tol=tol, max_hvps=max_hvps, seed=seed,
+                                  basis_size=basis_size, progress=progress)
     # The basis, its images and the Rayleigh-Ritz step are kept in float64 whatever the HVP
     # precision: with a float32 basis, rounding in V Wᵀ capped the eigenvalue accuracy near
     # 5e-7 and cost extra HVPs (benchmarks/solver_choice.py). Memory: 2·basis_size·n doubles.
     dtype = torch.float64
     tol = default_tol(op_dtype) if tol is None else float(tol)
-    b = DEFAULT_BLOCK_SIZE if block_size is None else int(block_size)
+    b = int(block_size)
     if b < 1:
         raise UsageError(f"block size must be positive, got {b}")
     max_hvps = default_max_hvps(k + extra) if max_hvps is None else int(max_hvps)
@@ -325,6 +376,10 @@ def top_eigenpairs(
         init = torch.zeros((0, n), device=device, dtype=dtype)
         first = b
     max_dim = default_basis_size(wanted, b) if basis_size is None else int(basis_size)
+    if basis_memory is not None:
+        rows = int(basis_memory) // (16 * n)  # float64 basis and images
+        _check_basis_memory(rows, wanted + b, 16 * n, basis_memory)
+        max_dim = min(max_dim, rows)
     max_dim = min(n, max(max_dim, wanted + b, first + b))
     keep = max_dim - max(b, (max_dim - wanted) // 2)  # Ritz vectors kept by a restart
     keep = max(min(keep, max_dim - b), wanted)
@@ -408,25 +463,29 @@ def top_eigenpairs(
         new = _orthonormal_extension(basis, residuals[:b], b, generator)
 
     count = min(wanted, ritz_vectors.shape[0])
-    residuals_out = relative[:count]
     extra_rows = min(guard, ritz_vectors.shape[0] - count)
-    return EigenResult(
-        eigenvalues=values[:count].clone(),
-        eigenvectors=ritz_vectors[:count].to(op_dtype),
-        residuals=residuals_out.clone(),
-        converged=[bool(r <= tol) for r in residuals_out],
+    return make_result(
+        values[:count], ritz_vectors[:count].to(op_dtype), relative[:count], tol, k, extra,
         hvp_count=hvps,
         solver="block-lanczos",
         iterations=iterations,
         restarts=restarts,
         seconds=time.perf_counter() - started,
-        tol=tol,
-        k=k,
-        extra=extra,
         guard_values=values[count : count + extra_rows].clone() if guard else None,
         guard_vectors=ritz_vectors[count : count + extra_rows].to(op_dtype) if guard else None,
         stopped_on=stopped_on,
         subspace_error=subspace_error,
+        basis_bytes=2 * max_dim * n * torch.finfo(dtype).bits // 8,
+    )
+
+
+def make_result(values: torch.Tensor, vectors: torch.Tensor, relative: torch.Tensor, tol: float,
+                k: int, extra: int, **details: object) -> EigenResult:
+    """An :class:`EigenResult` whose ``converged`` flags are ``relative <= tol``."""
+    return EigenResult(
+        eigenvalues=values.clone(), eigenvectors=vectors, residuals=relative.clone(),
+        converged=[bool(r <= tol) for r in relative], tol=tol, k=k, extra=extra,
+        **details,  # type: ignore[arg-type]
     )
 
 

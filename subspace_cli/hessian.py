@@ -24,8 +24,13 @@ Two exact Hessian-vector products are implemented, each for a block of m vectors
 All four compute the same products; they differ in speed only. Batching is not always faster:
 on a CPU core ``reverse-loop`` was up to 3.3x faster than the best batched form on the sample
 checkpoints (``benchmarks/hvp_methods.py``); on a GPU the batched forms may win (unmeasured).
-``method="auto"`` times all four on the first product and keeps the fastest; an op without
-forward AD makes it fall back to the reverse forms.
+``method="auto"`` times all four on the first product and keeps the fastest (one vector on a
+CPU goes to ``reverse-loop`` without timing, and a raced choice is cached per model, device and
+sizes); an op without forward AD makes it fall back to the reverse forms.
+
+The parameters never change within an operator, so the reverse methods keep each chunk's
+first-order graph (θ → ∇ℓ) for later products while it fits ``graph_memory``: a product on a
+kept graph is one backward pass per vector instead of a forward pass and two backward passes.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -56,6 +61,9 @@ __all__ = [
 
 #: Samples of the first chunk that the ``method="auto"`` probe warms each method up on.
 _PROBE_WARMUP_SAMPLES = 32
+
+#: The user-cache file of raced HVP-method choices (:mod:`subspace_cli.usercache`).
+_METHOD_CACHE = "hvp_methods.json"
 
 #: Accepted values of ``HessianOperator(method=...)``.
 HVP_METHODS = ("auto", "forward", "reverse", "forward-loop", "reverse-loop")
@@ -169,6 +177,42 @@ def _ad_mode(method: str) -> str:
     return method.partition("-")[0]
 
 
+#: Share of the available memory that kept gradient graphs may use by default.
+GRAPH_MEMORY_FRACTION = 0.25
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device, or the host's MemAvailable; None when unknown."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def default_graph_memory(device: torch.device) -> int:
+    """The default budget for kept graphs: a quarter of the available memory (1 GiB if that
+    cannot be read)."""
+    free = available_memory(device)
+    return int(GRAPH_MEMORY_FRACTION * free) if free is not None else 1 << 30
+
+
+@contextmanager
+def _saved_tensor_hook(pack: Callable[[torch.Tensor], torch.Tensor] | None) -> Iterator[None]:
+    """Call ``pack`` on every tensor autograd saves for backward (nothing when None)."""
+    if pack is None:
+        yield
+        return
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield
+
+
 @contextmanager
 def _module_mode(model: torch.nn.Module, train: bool) -> Iterator[None]:
     """Put every submodule in train or eval mode, restoring each one's own flag afterwards."""
@@ -198,8 +242,14 @@ class HessianOperator:
             on ``chunk_size``; dropout would make every product random.
         method: ``"forward"`` (forward-over-reverse), ``"reverse"`` (reverse-over-reverse),
             each batched over the vectors or, with ``-loop``, one vector at a time; or
-            ``"auto"`` (time all four on the first product, keep the fastest). The choice is
-            timing dependent; pass it explicitly when bitwise-reproducible products matter.
+            ``"auto"`` (see :meth:`_choose_method`: ``reverse-loop`` for one vector on a CPU,
+            else a choice raced before and cached, else a race of all four on the first
+            product). A raced choice is timing dependent; pass the method explicitly when
+            bitwise-reproducible products matter.
+        graph_memory: Bytes that the reverse methods may spend keeping each chunk's
+            first-order gradient graph for later products (default
+            :func:`default_graph_memory`, a quarter of the available memory; 0 rebuilds the
+            graph for every product, as before). Chunks that do not fit are rebuilt.
 
     Attributes:
         hvp_count: Single-vector products applied so far (a product with m vectors counts m).
@@ -208,7 +258,12 @@ class HessianOperator:
         method_seconds: With ``method="auto"``, the measured seconds per method on the first
             chunk (empty until measured; a method that raised or was not tried has no entry).
         probe_runs: With ``method="auto"``, the timed whole-chunk products of the probe (0
-            before it ran; 1 when only one method could run).
+            before it ran or when it did not race; 1 when only one method could run).
+        method_choice: How the method was chosen: ``"given"``, ``"one vector on a CPU"``,
+            ``"cached"`` or ``"timed"`` (empty before the first product).
+        graph_budget, graph_bytes, graphs_kept: The budget for kept graphs, the bytes they
+            hold (autograd's saved tensors, counted once per storage, and the gradients) and
+            how many chunks are kept.
     """
 
     def __init__(
@@ -224,6 +279,7 @@ class HessianOperator:
         dtype: torch.dtype = torch.float32,
         train_mode: bool = False,
         method: str = "auto",
+        graph_memory: int | None = None,
     ) -> None:
         self.loss = check_loss(loss)
         if method not in HVP_METHODS:
@@ -236,6 +292,8 @@ class HessianOperator:
             raise UsageError(f"max_samples must be positive, got {max_samples}")
         if not dtype.is_floating_point:
             raise UsageError(f"dtype must be a floating-point type, got {dtype}")
+        if graph_memory is not None and graph_memory < 0:
+            raise UsageError(f"graph memory must be non-negative, got {graph_memory}")
         self.model = model
         self.data = data
         self.layout = layout if layout is not None else select_parameters(model)
@@ -252,7 +310,14 @@ class HessianOperator:
         self.probe_runs = 0
         self.method_seconds: dict[str, float] = {}
         self._method: str | None = None if method == "auto" else method
+        self.method_choice = "given" if method != "auto" else ""
         self._batched_reverse = True
+        self.graph_budget = (
+            default_graph_memory(self.device) if graph_memory is None else int(graph_memory)
+        )
+        self.graph_bytes = 0
+        self._graphs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._uncached: set[int] = set()
 
         # Private copies: the model's own tensors are never handed to functional_call.
         params = dict(model.named_parameters())
@@ -304,8 +369,8 @@ class HessianOperator:
             return torch.zeros_like(vectors)
         sums = torch.zeros_like(vectors)
         with _module_mode(self.model, self.train_mode):
-            for x, y in self._chunks():
-                sums += self._chunk_hvp(x, y, vectors)
+            for index, (x, y) in enumerate(self._chunks()):
+                sums += self._chunk_hvp(x, y, vectors, index)
         result = self._reduce(sums, self.n_samples)
         if not bool(torch.isfinite(result).all()):
             raise NumericalError(
@@ -388,23 +453,120 @@ class HessianOperator:
     def _chunk_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return loss_sum(self.loss, self._forward(theta, x), y)
 
-    def _chunk_hvp(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    @property
+    def graphs_kept(self) -> int:
+        """Chunks whose first-order gradient graph is kept for later products."""
+        return len(self._graphs)
+
+    def _chunk_hvp(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor,
+                   index: int) -> torch.Tensor:
         """Sum over the chunk's samples of the per-sample Hessian applied to each row."""
         if self._method is None:
-            return self._choose_method(x, y, vectors)
+            return self._choose_method(x, y, vectors, index)
         try:
-            return self._hvp(self._method, x, y, vectors)
+            return self._hvp(self._method, x, y, vectors, index)
         except (RuntimeError, NotImplementedError) as error:
             raise self._differentiation_error(error, self._method) from error
 
     def _hvp(
-        self, method: str, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor
+        self, method: str, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor,
+        index: int | None = None,
     ) -> torch.Tensor:
-        hvp = self._forward_hvp if _ad_mode(method) == "forward" else self._reverse_hvp
-        return hvp(x, y, vectors, batched=not method.endswith("-loop"))
+        batched = not method.endswith("-loop")
+        if _ad_mode(method) == "forward":
+            return self._forward_hvp(x, y, vectors, batched=batched)
+        return self._reverse_hvp(x, y, vectors, batched=batched, index=index)
+
+    def _gradient_graph(self, x: torch.Tensor, y: torch.Tensor,
+                        index: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(θ leaf, ∇ of the chunk's loss with its graph), kept per chunk within the budget.
+
+        The parameters never change within an operator, so a chunk's graph is valid for every
+        later product. The first build of chunk ``index`` measures what the graph holds (the
+        tensors autograd saves, counted once per storage, plus the gradient) and keeps it when
+        that fits in what is left of ``graph_budget``; otherwise the chunk is rebuilt for every
+        product. ``index=None`` (the probe's warm-ups on a slice) is never kept.
+        """
+        if index is not None and index in self._graphs:
+            return self._graphs[index]
+        measure = index is not None and index not in self._uncached and self.graph_budget > 0
+        theta = self._theta.detach().requires_grad_(True)
+        storages: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            try:
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # no plain storage (e.g. a subclass)
+                storages[id(tensor)] = tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.enable_grad(), _saved_tensor_hook(pack if measure else None):
+            (grad,) = torch.autograd.grad(
+                self._chunk_loss(theta, x, y), theta, create_graph=True, allow_unused=True
+            )
+        if measure:
+            assert index is not None
+            size = sum(storages.values()) + (grad.nbytes if grad is not None else 0)
+            if self.graph_bytes + size <= self.graph_budget:
+                self._graphs[index] = (theta, grad)
+                self.graph_bytes += size
+            else:
+                self._uncached.add(index)
+        return theta, grad
 
     def _choose_method(
-        self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor
+        self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor, index: int
+    ) -> torch.Tensor:
+        """Pick the HVP method on the first product: without timing where the answer is known
+        or was measured before, else by a race (:meth:`_race`).
+
+        * One vector on a CPU: ``reverse-loop``. Batched and looped forms then do the same work;
+          ``reverse-loop`` was as fast as or faster than ``forward-loop`` for every sample
+          model on a CPU core (``benchmarks/hvp_methods.py``), and with its first-order graph
+          kept (see :meth:`_gradient_graph`) it does strictly less work per product.
+        * Otherwise a choice raced before for the same model class, parameter count, device,
+          dtype, torch version, threads, block and chunk sizes is read from the user's cache
+          (:mod:`subspace_cli.usercache`), and a new race stores its winner there.
+
+        ``method_choice`` says which happened; a method that fails falls back to the race.
+        """
+        m = vectors.shape[0]
+        key = self._method_cache_key(m, x.shape[0])
+        known = "reverse-loop" if self.device.type == "cpu" and m == 1 else None
+        choice = "one vector on a CPU"
+        if known is None:
+            from subspace_cli.usercache import read_entry
+
+            cached = read_entry(_METHOD_CACHE, key)
+            known = cached if cached in HVP_METHODS[1:] else None
+            choice = "cached"
+        if known is not None:
+            try:
+                product = self._hvp(known, x, y, vectors, index)
+            except (RuntimeError, NotImplementedError):
+                pass  # e.g. no double backward for some op: race the forms that work
+            else:
+                self._method, self.method_choice = known, choice
+                return product
+        product = self._race(x, y, vectors, index)
+        self.method_choice = "timed"
+        from subspace_cli.usercache import write_entry
+
+        assert self._method is not None
+        write_entry(_METHOD_CACHE, key, self._method)
+        return product
+
+    def _method_cache_key(self, m: int, chunk: int) -> str:
+        device = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                  else f"cpu x{torch.get_num_threads()} threads")
+        model = type(self.model)
+        return (f"{model.__module__}.{model.__qualname__} params={self.n_params} {device}"
+                f" {self.dtype} torch={torch.__version__} block={m} chunk={chunk}"
+                f" mode={'train' if self.train_mode else 'eval'}")
+
+    def _race(
+        self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor, index: int
     ) -> torch.Tensor:
         """Time the HVP methods on the first chunk and keep the fastest.
 
@@ -416,6 +578,10 @@ class HessianOperator:
            raises now, e.g. out of memory with m vectors, is dropped too).
         3. The two fastest, and any other within 1.5x of the best, run once more, interleaved
            so that a load spike on a shared machine hits them alike; each keeps its faster run.
+
+        The reverse forms keep the chunk's graph when it fits the budget, so their second run
+        (and the first of whichever runs after the graph was built) times the product on a kept
+        graph: the cost of every later product.
 
         With a single vector, batched and looped forms do the same work, so only the ``-loop``
         forms race. The kept method's last result is returned; every other product (counted in
@@ -454,7 +620,7 @@ class HessianOperator:
                 start = time.perf_counter()
                 work += m * chunk
                 try:
-                    product = self._hvp(name, x, y, vectors)
+                    product = self._hvp(name, x, y, vectors, index)
                 except (RuntimeError, NotImplementedError) as error:
                     errors[_ad_mode(name)] = error
                     candidates.remove(name)
@@ -475,7 +641,7 @@ class HessianOperator:
         fastest = min(seconds, key=seconds.__getitem__)
         if kept is None or kept[0] != fastest:  # the leader failed on its second run
             work += m * chunk
-            kept = (fastest, self._hvp(fastest, x, y, vectors))
+            kept = (fastest, self._hvp(fastest, x, y, vectors, index))
         self.method_seconds = seconds
         self._method = fastest
         self.probe_runs = runs
@@ -497,13 +663,10 @@ class HessianOperator:
         return products
 
     def _reverse_hvp(
-        self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor, *, batched: bool
+        self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor, *, batched: bool,
+        index: int | None = None,
     ) -> torch.Tensor:
-        theta = self._theta.detach().requires_grad_(True)
-        with torch.enable_grad():
-            (grad,) = torch.autograd.grad(
-                self._chunk_loss(theta, x, y), theta, create_graph=True, allow_unused=True
-            )
+        theta, grad = self._gradient_graph(x, y, index)
         if grad is None or not grad.requires_grad:  # the loss is at most linear in θ
             return torch.zeros_like(vectors)
         if batched and self._batched_reverse and vectors.shape[0] > 1:

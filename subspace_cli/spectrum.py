@@ -49,6 +49,8 @@ class SpectrumSettings:
     train_mode: bool = False
     hvp_method: str = "auto"
     seed: int = 0
+    graph_memory: int | None = None
+    basis_memory: int | None = None
 
 
 @dataclass
@@ -65,6 +67,10 @@ class SpectrumRun:
     warm_start: str | None = None
     overlap_with_previous: float | None = None
     probe_hvps: float = 0.0
+    method_choice: str = ""
+    graph_bytes: int = 0
+    graphs_kept: int = 0
+    n_chunks: int = 0
     extra_info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -115,6 +121,7 @@ def hessian_operator(experiment: Experiment, settings: SpectrumSettings) -> Hess
         dtype=torch_dtype(settings.dtype),
         train_mode=settings.train_mode,
         method=settings.hvp_method,
+        graph_memory=settings.graph_memory,
     )
 
 
@@ -140,7 +147,7 @@ def compute_spectrum(
     progress: Callable[[int, Any], None] | None = None,
 ) -> SpectrumRun:
     """Top-k (+ extra) eigenpairs of the Hessian of the full training loss at a checkpoint."""
-    from subspace_cli.eigensolver import arpack_eigenpairs, top_eigenpairs
+    from subspace_cli.eigensolver import arpack_eigenpairs, default_block_size, top_eigenpairs
 
     if settings.solver not in SOLVERS:
         raise UsageError(f"unknown solver {settings.solver!r}: choose one of {', '.join(SOLVERS)}")
@@ -161,7 +168,9 @@ def compute_spectrum(
     if settings.solver == "arpack":
         result = arpack_eigenpairs(op, k, **common)
     else:
-        result = top_eigenpairs(op, k, block_size=settings.block_size, progress=progress, **common)
+        block_size = settings.block_size or default_block_size(op.device, cold=init is None)
+        result = top_eigenpairs(op, k, block_size=block_size, progress=progress,
+                                basis_memory=settings.basis_memory, **common)
     result.eigenvectors = canonical_signs(result.eigenvectors)
     return SpectrumRun(
         result=result,
@@ -173,6 +182,10 @@ def compute_spectrum(
         settings=settings,
         warm_start=warm_start,
         probe_hvps=op.probe_hvps,
+        method_choice=op.method_choice,
+        graph_bytes=op.graph_bytes,
+        graphs_kept=op.graphs_kept,
+        n_chunks=-(-op.n_samples // op.chunk_size),
     )
 
 
@@ -190,7 +203,12 @@ def summary(run: SpectrumRun, experiment: Experiment) -> dict[str, Any]:
         "tol": r.tol,
         "hvp_count": r.hvp_count,
         "hvp_probe_extra": round(run.probe_hvps, 3),
+        "hvp_method_choice": run.method_choice,
         "seconds": round(r.seconds, 3),
+        "basis_bytes": r.basis_bytes,
+        "graph_bytes": run.graph_bytes,
+        "graphs_kept": run.graphs_kept,
+        "chunks": run.n_chunks,
         "n_params": run.layout.n_params,
         "n_samples": run.n_samples,
         "loss": experiment.loss,
@@ -226,6 +244,9 @@ def to_stored(run: SpectrumRun, experiment: Experiment) -> Spectrum:
         "max_hvps": s.max_hvps if s.max_hvps is not None else -1,
         "hvp_count": r.hvp_count,
         "hvp_probe_extra": run.probe_hvps,
+        "hvp_method_choice": run.method_choice,
+        "basis_bytes": r.basis_bytes,
+        "graph_bytes": run.graph_bytes,
         "iterations": r.iterations,
         "restarts": r.restarts,
         "seconds": r.seconds,

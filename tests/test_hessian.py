@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -113,10 +116,10 @@ def test_auto_probe_runs_and_counts_exactly_these_products(
     calls: list[tuple[str, int, int]] = []
     original = HessianOperator._hvp
 
-    def spied(self, method, x, y, vectors):  # type: ignore[no-untyped-def]
+    def spied(self, method, x, y, vectors, index=None):  # type: ignore[no-untyped-def]
         calls.append((method, x.shape[0], vectors.shape[0]))
         clock[0] += cost[method]
-        return original(self, method, x, y, vectors)
+        return original(self, method, x, y, vectors, index)
 
     monkeypatch.setattr(HessianOperator, "_hvp", spied)
     monkeypatch.setattr(hessian.time, "perf_counter", lambda: clock[0])
@@ -137,12 +140,87 @@ def test_auto_probe_runs_and_counts_exactly_these_products(
     assert op.hvp_count == 3
 
 
-def test_auto_with_one_vector_races_only_the_loops() -> None:
+def test_auto_with_one_vector_on_a_cpu_takes_reverse_loop_without_a_race() -> None:
     model, data = _small_mlp(), make_data((3,), n=96)
     op = HessianOperator(model, data, "mse", dtype=torch.float64)
     vector = random_block(1, op.n_params)[0]
     torch.testing.assert_close(op.matvec(vector), dense_hessian(model, data, "mse") @ vector)
-    assert set(op.method_seconds) == {"forward-loop", "reverse-loop"}
+    assert op.method == "reverse-loop" and op.method_choice == "one vector on a CPU"
+    assert op.method_seconds == {} and op.probe_runs == 0 and op.probe_hvps == 0.0
+
+
+def test_a_one_vector_race_when_reverse_mode_fails_uses_the_loops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_double_backward(self, x, y, vectors, *, batched, index=None):  # type: ignore[no-untyped-def]
+        raise RuntimeError("the derivative for 'fake_op' is not implemented")
+
+    monkeypatch.setattr(HessianOperator, "_reverse_hvp", no_double_backward)
+    model, data = _small_mlp(), make_data((3,), n=96)
+    op = HessianOperator(model, data, "mse", dtype=torch.float64)
+    vector = random_block(1, op.n_params)[0]
+    torch.testing.assert_close(op.matvec(vector), dense_hessian(model, data, "mse") @ vector)
+    assert op.method == "forward-loop" and op.method_choice == "timed"
+    assert set(op.method_seconds) == {"forward-loop"}
+
+
+def test_a_raced_choice_is_cached_for_the_next_operator(tmp_path: Path) -> None:
+    model, data = _small_mlp(), make_data((3,), n=96)
+    vectors = random_block(2, select_parameters(model).n_params)
+    first = HessianOperator(model, data, "mse", dtype=torch.float64)
+    first.matmat(vectors)
+    assert first.method_choice == "timed" and first.probe_runs > 0
+    second = HessianOperator(model, data, "mse", dtype=torch.float64)
+    torch.testing.assert_close(second.matmat(vectors), vectors @ dense_hessian(model, data, "mse"))
+    assert second.method == first.method and second.method_choice == "cached"
+    assert second.probe_runs == 0 and second.probe_hvps == 0.0
+    # another block size is another key: raced again
+    third = HessianOperator(model, data, "mse", dtype=torch.float64)
+    third.matmat(random_block(3, third.n_params))
+    assert third.method_choice == "timed"
+
+
+def test_a_damaged_cache_is_ignored_and_replaced() -> None:
+    from subspace_cli.usercache import cache_dir
+
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    (cache_dir() / "hvp_methods.json").write_text("{not json")
+    model, data = _small_mlp(), make_data((3,), n=96)
+    op = HessianOperator(model, data, "mse", dtype=torch.float64)
+    op.matmat(random_block(2, op.n_params))
+    assert op.method_choice == "timed"
+    assert op.method in json.loads((cache_dir() / "hvp_methods.json").read_text()).values()
+
+
+@pytest.mark.parametrize("method", ["reverse", "reverse-loop"])
+def test_kept_graphs_give_the_same_products(method: str) -> None:
+    model, data = _small_mlp(), make_data((3,), n=96)
+    vectors = random_block(3, select_parameters(model).n_params)
+    expected = vectors @ dense_hessian(model, data, "mse")
+    kept = HessianOperator(model, data, "mse", dtype=torch.float64, chunk_size=40, method=method)
+    rebuilt = HessianOperator(model, data, "mse", dtype=torch.float64, chunk_size=40,
+                              method=method, graph_memory=0)
+    for _ in range(2):  # the second product runs on the kept graphs
+        torch.testing.assert_close(kept.matmat(vectors), expected, rtol=1e-11, atol=1e-13)
+        torch.testing.assert_close(rebuilt.matmat(vectors), expected, rtol=1e-11, atol=1e-13)
+    assert kept.graphs_kept == 3 and kept.graph_bytes > 0
+    assert rebuilt.graphs_kept == 0 and rebuilt.graph_bytes == 0
+
+
+def test_graphs_are_kept_only_within_the_budget() -> None:
+    model, data = _small_mlp(), make_data((3,), n=96)
+    probe = HessianOperator(model, data, "mse", dtype=torch.float64, chunk_size=32,
+                            method="reverse-loop")
+    vectors = random_block(2, probe.n_params)
+    probe.matmat(vectors)
+    per_chunk = probe.graph_bytes / 3
+    op = HessianOperator(model, data, "mse", dtype=torch.float64, chunk_size=32,
+                         method="reverse-loop", graph_memory=int(2.5 * per_chunk))
+    for _ in range(2):
+        torch.testing.assert_close(op.matmat(vectors), vectors @ dense_hessian(model, data, "mse"))
+    assert op.graphs_kept == 2 and op.graph_bytes <= op.graph_budget
+    with pytest.raises(UsageError, match="graph memory"):
+        HessianOperator(model, data, "mse", graph_memory=-1)
 
 
 def test_a_method_failing_only_on_the_whole_chunk_drops_out(

@@ -145,7 +145,8 @@ def test_several_checkpoints_warm_start_and_overlap(tmp_path):
     for i in range(3):
         make_checkpoint(tmp_path / f"step_{i}.safetensors", seed=0 if i < 2 else 5, step=i)
     (tmp_path / "broken.safetensors").write_bytes(b"garbage")
-    result = run("spectrum", str(tmp_path), "-k", "3", "--jsonl")
+    # blocks of 2 (single vectors on a CPU take reverse-loop without timing)
+    result = run("spectrum", str(tmp_path), "-k", "3", "--jsonl", "--block-size", "2")
     assert result.exit_code == 1
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [os.path.basename(r["checkpoint"]) for r in records] == [
@@ -210,6 +211,39 @@ def test_parameter_selection_and_bad_options(tmp_path):
     assert gpu.exit_code == 2 and "cuda" in gpu.stderr.lower()
     both = run("spectrum", str(path), "--json", "--jsonl")
     assert both.exit_code == 2 and "pick one" in both.stderr
+
+
+def test_memory_options_and_what_the_json_says_about_memory(tmp_path):
+    path = tmp_path / "c.safetensors"
+    make_checkpoint(path)
+    n = 64 * 5 + 5 + 5 * 10 + 10
+    base = ["spectrum", str(path), "-k", "3", "--dtype", "float64", "--json"]
+    [record] = json.loads(run(*base).stdout)
+    assert record["solver"] == "lanczos" and record["hvp_method"] == "reverse-loop"
+    assert record["hvp_method_choice"] == "one vector on a CPU" and record["hvp_probe_extra"] == 0
+    assert record["basis_bytes"] == (20 + 1) * n * 8  # ARPACK's ncv = 20 rows and q
+    assert record["graphs_kept"] == record["chunks"] == 1 and record["graph_bytes"] > 0
+    # A basis of 6 rows (plus q) and no kept graphs: the same eigenvalues.
+    [small] = json.loads(run(*base, "--basis-memory", str(7 * n * 8), "--graph-memory", "0").stdout)
+    assert small["basis_bytes"] == 7 * n * 8 and small["graphs_kept"] == 0
+    assert small["graph_bytes"] == 0 and all(small["converged"])
+    np.testing.assert_allclose(small["eigenvalues"], record["eigenvalues"], rtol=1e-10)
+    too_small = run(*base, "--basis-memory", "1K")
+    assert too_small.exit_code == 2 and "--basis-memory allows" in too_small.stderr
+    bad = run(*base, "--graph-memory", "lots")
+    assert bad.exit_code == 2 and "is not a size" in bad.stderr
+    # Blocks: the block solver, its basis and images.
+    [block] = json.loads(run(*base, "--block-size", "2").stdout)
+    assert block["solver"] == "block-lanczos" and block["hvp_method_choice"] == "timed"
+    np.testing.assert_allclose(block["eigenvalues"], record["eigenvalues"], rtol=1e-10)
+
+
+@pytest.mark.parametrize("text, size", [("0", 0), ("4096", 4096), ("512M", 512 << 20),
+                                        ("2G", 2 << 30), ("1.5KiB", 1536), ("auto", None)])
+def test_byte_sizes(text, size):
+    from subspace_cli.commands.common import ByteSize
+
+    assert ByteSize().convert(text, None, None) == size
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

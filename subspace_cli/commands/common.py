@@ -16,8 +16,35 @@ F = TypeVar("F", bound=Callable[..., Any])
 HVP_METHOD_CHOICES = ("auto", "forward", "reverse", "forward-loop", "reverse-loop")
 HVP_METHOD_HELP = (
     "HVP: forward-over-reverse or reverse-over-reverse, batched over the vectors or one vector "
-    "at a time (-loop), or auto (time all four once, keep the fastest)."
+    "at a time (-loop), or auto (reverse-loop for one vector on a CPU; otherwise time all four "
+    "once, keep the fastest, and remember the choice in the user cache)."
 )
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class ByteSize(click.ParamType):
+    """A memory size: bytes, or a number with K, M, G or T (powers of 1024), e.g. ``512M``;
+    ``auto`` gives None (the default)."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+        if text == "AUTO":
+            return None
+        unit = text[-1:] if text[-1:] in _SIZE_UNITS and text[-1:] else ""
+        number = text[: len(text) - len(unit)]
+        try:
+            size = float(number)
+        except ValueError:
+            size = float("nan")
+        if not size >= 0 or size == float("inf"):
+            self.fail(f"{value!r} is not a size such as 0, 4096, 512M or 2G", param, ctx)
+        return int(size * _SIZE_UNITS[unit])
 
 
 def _set_root_flag(name: str) -> Callable[[click.Context, click.Parameter, bool], bool]:

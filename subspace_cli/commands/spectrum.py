@@ -12,6 +12,7 @@ import click
 from subspace_cli.commands.common import (
     HVP_METHOD_CHOICES,
     HVP_METHOD_HELP,
+    ByteSize,
     examples,
     for_each_input,
     is_quiet,
@@ -57,14 +58,30 @@ def spectrum_options(f: Any) -> Any:
             type=click.Choice(["lanczos", "arpack"]),
             default="lanczos",
             show_default=True,
-            help="lanczos: thick-restart block Lanczos in torch on the device; "
+            help="lanczos: thick-restart Lanczos in torch on the device (one vector at a "
+            "time for a cold start on a CPU, else blocks, see --block-size); "
             "arpack: SciPy eigsh(which='LA') over the same HVPs (reference).",
         ),
         click.option(
             "--block-size",
             type=click.IntRange(min=1),
             default=None,
-            help="HVPs per batched product in the Lanczos solver [default: 4].",
+            help="HVPs per batched product in the Lanczos solver [default: 1 for a cold "
+            "start on a CPU (single-vector Lanczos), else 2].",
+        ),
+        click.option(
+            "--basis-memory",
+            type=ByteSize(),
+            default=None,
+            help="Most memory the Lanczos basis may hold, e.g. 2G; the basis is shrunk to "
+            "fit [default: no cap; the JSON's basis_bytes says what it held].",
+        ),
+        click.option(
+            "--graph-memory",
+            type=ByteSize(),
+            default=None,
+            help="Memory for keeping each chunk's gradient graph between products (0: "
+            "rebuild it every product) [default: a quarter of the available memory].",
         ),
         click.option(
             "--dtype",
@@ -150,6 +167,8 @@ def settings_from(params: dict[str, Any]) -> Any:
         train_mode=params["train_mode"],
         hvp_method=params["hvp_method"],
         seed=params["seed"],
+        graph_memory=params["graph_memory"],
+        basis_memory=params["basis_memory"],
     )
 
 
@@ -374,15 +393,21 @@ def render(record: dict[str, Any]) -> None:
         f"{record['mode']} mode, {record['dtype']} on {record['device']}"
     )
     emit_table(rows, headers=["i", "λ_i", "residual", "converged"], title=title)
+    choice = record.get("hvp_method_choice")
     probe = (
         f"; timing it against the others cost {record['hvp_probe_extra']:.1f} more"
         if record["hvp_probe_extra"]
-        else ""
+        else f", {choice}" if choice in ("cached", "one vector on a CPU") else ""
     )
     cost = (
         f"{record['hvp_count']} HVPs ({record['hvp_method']}{probe}), {record['seconds']:.2f} s, "
         f"tol {record['tol']:g}, {record['solver']}"
     )
+    memory = f"; basis {record['basis_bytes'] / 2**20:.1f} MiB"
+    if record["graphs_kept"]:
+        memory += (f", graphs of {record['graphs_kept']}/{record['chunks']} chunks kept"
+                   f" ({record['graph_bytes'] / 2**20:.1f} MiB)")
+    cost += memory
     if record["warm_start"]:
         cost += f", warm start from {record['warm_start']}"
     if record["overlap_with_previous"] is not None:
