@@ -246,6 +246,7 @@ def test_byte_sizes(text, size):
     assert ByteSize().convert(text, None, None) == size
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu(tmp_path):
     path = tmp_path / "c.safetensors"
