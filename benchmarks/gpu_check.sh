@@ -9,6 +9,12 @@
 #   4. runs the spectrum benchmark on CUDA (benchmarks/spectrum_peers.py --device cuda) for the
 #      tools that are installed.
 # Every section prints its result; the exit code is 1 if any section failed.
+# The GPU machine cannot download. Prepare the wheels it lacks here, once (all pure Python):
+#   echo /.whl/ >> .git/info/exclude
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl mnist1d pyhessian==0.1 hessian-eigenthings==1.0.0a5 \
+#     curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 unfoldNd einconv
+# and run it through the device tool with carry [".whl"], timeout_s 600:
 #   benchmarks/gpu_check.sh                 # results also under $OUT (default /tmp/gpu_check)
 #   DEVICE=cpu benchmarks/gpu_check.sh      # a dry run of the script's logic without a GPU
 set -uo pipefail
