@@ -157,16 +157,24 @@ def lanczos_eigenpairs(
             restarts += 1
 
     count = min(d, wanted)
-    vectors = ritz[:, :count].T @ rows[:d]
+    basis_bytes = rows.numel() * rows.element_size()
+    # The Ritz vectors, slice by slice into the operator's dtype: no float64 copy of them
+    # beside the basis (at 10M parameters that copy alone was 0.8 GB).
+    vectors = torch.empty((count, n), device=device, dtype=op_dtype)
+    coefficients = ritz[:, :count].T.contiguous()
+    for start in range(0, n, _SLICE):
+        columns = slice(start, start + _SLICE)
+        vectors[:, columns] = coefficients @ rows[:d, columns]
+    del rows
     return make_result(
-        values[:count], vectors.to(op_dtype), relative[:count], tol, k, extra,
+        values[:count], vectors, relative[:count], tol, k, extra,
         hvp_count=hvps,
         solver="lanczos",
         iterations=hvps,
         restarts=restarts,
         seconds=time.perf_counter() - started,
         stopped_on="residual" if count == wanted and bool((relative <= tol).all()) else "budget",
-        basis_bytes=rows.numel() * rows.element_size(),
+        basis_bytes=basis_bytes,
     )
 
 
