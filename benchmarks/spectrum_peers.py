@@ -222,9 +222,10 @@ def run_ours(experiment: Any, x: torch.Tensor, y: torch.Tensor, task: Task) -> T
     run = compute_spectrum(experiment, settings)
     r = run.result
     claimed = f"{sum(r.converged)}/{K}"
-    notes = (f"{r.solver}, HVP {run.hvp_method} ({run.method_choice}), solver counts"
-             f" {r.hvp_count}, {r.restarts} restarts, basis {r.basis_bytes / 2**20:.0f} MiB,"
-             f" graphs {run.graphs_kept}/{run.n_chunks} kept ({run.graph_bytes / 2**20:.0f} MiB)")
+    notes = f"{r.solver}, HVP {run.hvp_method} ({run.method_choice}), solver counts {r.hvp_count}"
+    if r.solver != "arpack":
+        notes += f", {r.restarts} restarts, basis {r.basis_bytes / 2**20:.0f} MiB"
+    notes += f", graphs {run.graphs_kept}/{run.n_chunks} kept ({run.graph_bytes / 2**20:.0f} MiB)"
     return r.eigenvalues.cpu().numpy(), r.eigenvectors.cpu().numpy(), counter[0], claimed, notes
 
 
