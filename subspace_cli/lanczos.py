@@ -106,9 +106,13 @@ def lanczos_eigenpairs(
     ritz = torch.zeros((0, 0), dtype=torch.float64, device=device)
     relative = torch.zeros(0, dtype=torch.float64, device=device)
 
+    # Reused buffers: a fresh n-vector per step costs page faults that, at 10M parameters,
+    # took as long as the orthogonalisation itself.
+    q_op = torch.empty((1, n), device=device, dtype=op_dtype)
+    w = torch.empty(n, device=device, dtype=torch.float64)
     while hvps < max_hvps:
-        q = rows[d]
-        w = op.matmat(q.to(op_dtype).unsqueeze(0))[0].to(torch.float64)
+        q_op.copy_(rows[d])
+        w.copy_(op.matmat(q_op)[0])
         hvps += 1
         basis = rows[: d + 1]
         h = torch.mv(basis, w)
