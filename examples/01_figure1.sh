@@ -5,9 +5,9 @@
 #   examples/01_figure1.sh [mlp|cnn|transformer ...]   (default: all three)
 # Cost on a 2-core CPU: mlp and cnn about 10 to 20 minutes each at the default 100 steps. The
 # transformer is slow on a CPU: one Hessian-vector product over its 1,000 sequences takes about
-# 2.7 s on a core (reverse-loop), a refresh (about 20 products) a minute or more, so its projected
-# runs take about 1.5 minutes per step: `STEPS=50 examples/01_figure1.sh transformer` is the run
-# in docs/REPRODUCTION.md (the three runs started in parallel there, one torch thread each).
+# 2.7 s on a core (reverse-loop). With the tracker its projected runs take 10 to 15 s a step:
+# `STEPS=300 examples/01_figure1.sh transformer` and `STEPS=2000 examples/01_figure1.sh mlp` are
+# the runs in docs/REPRODUCTION.md (started two at a time there, one torch thread each).
 # Settings as the samples were trained: SGD, lr 0.01, batch 50, seed 0. k = 10 = number of
 # classes for all three (MNIST-1D and digits have 10 classes; the paper's k = 2 for the
 # transformer is SST-2's two classes).
