@@ -99,3 +99,10 @@ def test_progress_is_reported_after_every_product() -> None:
 def test_default_basis_is_arpacks_ncv() -> None:
     assert default_lanczos_basis(11) == 23
     assert default_lanczos_basis(3) == 20
+
+
+def test_whole_space_is_exact_with_one_vector() -> None:
+    op = spectrum_operator([3, 2, 1], n=6)
+    result = top_eigenpairs(op, 6, tol=1e-10, block_size=1)
+    assert result.solver == "lanczos" and result.all_converged and result.hvp_count == 6
+    torch.testing.assert_close(result.eigenvalues, torch.linalg.eigvalsh(op.matrix).flip(0))
