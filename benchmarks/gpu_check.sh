@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The first thing to run on a CUDA machine (about 5 to 8 minutes on an H100/H200; nothing is
-# downloaded). It
+# The first thing to run on a CUDA machine (meant to fit in 8 minutes on an H100/H200, not yet
+# run on one; nothing is downloaded). It
 #   1. installs the working tree into a venv beside the machine's own torch (offline; wheels of
 #      packages the machine lacks, e.g. mnist1d and the peers, are taken from .whl/ if present),
 #   2. runs the tests marked `cuda`,

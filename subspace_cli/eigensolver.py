@@ -338,34 +338,25 @@ def top_eigenpairs(
     started = time.perf_counter()
     n = op.n_params
     device, op_dtype = op.device, op.dtype
-    cold = (init is None or not init.shape[0]) and init_images is None
-    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
-    if block_size == 1 and cold and guard == 0 and subspace_tol is None:
-        from subspace_cli.lanczos import lanczos_eigenpairs
-
-        tol = default_tol(op_dtype) if tol is None else float(tol)
-        max_hvps = default_max_hvps(k + extra) if max_hvps is None else int(max_hvps)
-        wanted = _check_request(op, k, extra, max_hvps, tol)
-        if basis_memory is not None:
-            from subspace_cli.lanczos import default_lanczos_basis
-
-            rows = int(basis_memory) // (8 * n) - 1  # float64 rows, plus the next vector
-            _check_basis_memory(rows, wanted + 1, 8 * n, basis_memory)
-            basis_size = min(basis_size or default_lanczos_basis(wanted), rows)
-        return lanczos_eigenpairs(op, k, extra=extra, tol=tol, max_hvps=max_hvps, seed=seed,
-                                  basis_size=basis_size, progress=progress)
-    # The basis, its images and the Rayleigh-Ritz step are kept in float64 whatever the HVP
-    # precision: with a float32 basis, rounding in V Wᵀ capped the eigenvalue accuracy near
-    # 5e-7 and cost extra HVPs (benchmarks/solver_choice.py). Memory: 2·basis_size·n doubles.
-    dtype = torch.float64
     tol = default_tol(op_dtype) if tol is None else float(tol)
-    b = int(block_size)
+    b = DEFAULT_BLOCK_SIZE if block_size is None else int(block_size)
     if b < 1:
         raise UsageError(f"block size must be positive, got {b}")
     max_hvps = default_max_hvps(k + extra) if max_hvps is None else int(max_hvps)
     wanted = _check_request(op, k, extra, max_hvps, tol)
     if guard < 0:
         raise UsageError(f"guard must be non-negative, got {guard}")
+    cold = (init is None or not init.shape[0]) and init_images is None
+    if b == 1 and cold and guard == 0 and subspace_tol is None:
+        from subspace_cli.lanczos import lanczos_eigenpairs
+
+        return lanczos_eigenpairs(op, k, extra=extra, tol=tol, max_hvps=max_hvps, seed=seed,
+                                  basis_size=basis_size, basis_memory=basis_memory,
+                                  progress=progress)
+    # The basis, its images and the Rayleigh-Ritz step are kept in float64 whatever the HVP
+    # precision: with a float32 basis, rounding in V Wᵀ capped the eigenvalue accuracy near
+    # 5e-7 and cost extra HVPs (benchmarks/solver_choice.py). Memory: 2·basis_size·n doubles.
+    dtype = torch.float64
     b = min(b, n)
     if init is not None:
         if init.dim() != 2 or init.shape[1] != n:

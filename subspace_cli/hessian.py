@@ -38,8 +38,8 @@ from __future__ import annotations
 import fnmatch
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -201,16 +201,6 @@ def default_graph_memory(device: torch.device) -> int:
     cannot be read)."""
     free = available_memory(device)
     return int(GRAPH_MEMORY_FRACTION * free) if free is not None else 1 << 30
-
-
-@contextmanager
-def _saved_tensor_hook(pack: Callable[[torch.Tensor], torch.Tensor] | None) -> Iterator[None]:
-    """Call ``pack`` on every tensor autograd saves for backward (nothing when None)."""
-    if pack is None:
-        yield
-        return
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        yield
 
 
 @contextmanager
@@ -501,7 +491,9 @@ class HessianOperator:
                 storages[id(tensor)] = tensor.numel() * tensor.element_size()
             return tensor
 
-        with torch.enable_grad(), _saved_tensor_hook(pack if measure else None):
+        hooks = (torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+                 if measure else nullcontext())
+        with torch.enable_grad(), hooks:
             (grad,) = torch.autograd.grad(
                 self._chunk_loss(theta, x, y), theta, create_graph=True, allow_unused=True
             )
@@ -532,13 +524,12 @@ class HessianOperator:
         ``method_choice`` says which happened; a method that fails falls back to the race.
         """
         m = vectors.shape[0]
-        key = self._method_cache_key(m, x.shape[0])
         known = "reverse-loop" if self.device.type == "cpu" and m == 1 else None
         choice = "one vector on a CPU"
         if known is None:
             from subspace_cli.usercache import read_entry
 
-            cached = read_entry(_METHOD_CACHE, key)
+            cached = read_entry(_METHOD_CACHE, self._method_cache_key(m, x.shape[0]))
             known = cached if cached in HVP_METHODS[1:] else None
             choice = "cached"
         if known is not None:
@@ -554,7 +545,7 @@ class HessianOperator:
         from subspace_cli.usercache import write_entry
 
         assert self._method is not None
-        write_entry(_METHOD_CACHE, key, self._method)
+        write_entry(_METHOD_CACHE, self._method_cache_key(m, x.shape[0]), self._method)
         return product
 
     def _method_cache_key(self, m: int, chunk: int) -> str:
