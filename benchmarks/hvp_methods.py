@@ -26,7 +26,8 @@ import torch
 
 from subspace_cli.checkpoint import SpecOverrides
 from subspace_cli.experiment import load_experiment
-from subspace_cli.hessian import HVP_METHODS, HessianOperator
+from subspace_cli.hessian import HessianOperator
+from subspace_cli.settings import HVP_METHODS
 
 SAMPLES = {
     "mlp": "sample_checkpoints/mlp_mnist1d.safetensors",

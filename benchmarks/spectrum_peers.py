@@ -200,19 +200,19 @@ def _count_our_products() -> list[float]:
     from subspace_cli.hessian import HessianOperator
 
     counter = [0.0]
-    for name in ("_forward_hvp", "_reverse_hvp"):
-        original = getattr(HessianOperator, name)
+    original = HessianOperator._hvp  # every chunk product, the race's included
 
-        def counted(self, x, y, vectors, _original=original, **options):  # type: ignore[no-untyped-def]
-            counter[0] += vectors.shape[0] * x.shape[0] / self.n_samples
-            return _original(self, x, y, vectors, **options)
+    def counted(self, method, x, y, vectors, index=None):  # type: ignore[no-untyped-def]
+        counter[0] += vectors.shape[0] * x.shape[0] / self.n_samples
+        return original(self, method, x, y, vectors, index)
 
-        setattr(HessianOperator, name, counted)
+    HessianOperator._hvp = counted  # type: ignore[method-assign]
     return counter
 
 
 def run_ours(experiment: Any, x: torch.Tensor, y: torch.Tensor, task: Task) -> ToolResult:
-    from subspace_cli.spectrum import SpectrumSettings, compute_spectrum
+    from subspace_cli.settings import SpectrumSettings
+    from subspace_cli.spectrum import compute_spectrum
 
     counter = _count_our_products()
     solver = "arpack" if task.tool == "arpack" else "lanczos"

@@ -1,51 +1,23 @@
-"""How much of a gradient lies in the dominant subspace: the library layer behind ``align``.
+"""How much of a gradient lies in the dominant subspace: the measurement behind ``align``.
 
-For an orthonormal basis U = (u_1 … u_k) of the dominant subspace (rows of ``basis``) and the
-projector P_k = Σ_{i≤k} u_i u_iᵀ, the alignment of a vector v is
-
-    χ_k(v) = ‖P_k v‖ / ‖v‖ ∈ [0, 1],
-
-and ‖v‖² = ‖P_k v‖² + ‖(I − P_k) v‖² splits its squared norm between the dominant subspace
-and the bulk. All of these need only the coefficients U v, so P_k is never formed.
+χ_k and the norm split are defined in :mod:`subspace_cli.projection`; this module measures them
+for the full-batch gradient and for random mini-batch gradients at one checkpoint.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from subspace_cli.data import TrainingData
 from subspace_cli.errors import UsageError
+from subspace_cli.projection import alignment, coefficients, norm_split
 
 if TYPE_CHECKING:
     import torch
 
     from subspace_cli.hessian import HessianOperator
-
-
-def coefficients(basis: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """Coordinates U v of each row of ``vectors`` (m, n) in the orthonormal ``basis`` (k, n)."""
-    return vectors @ basis.T
-
-
-def alignment(basis: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """χ_k of each row of ``vectors`` (0 for a zero vector), in float64."""
-    import torch
-
-    c = coefficients(basis, vectors).to(torch.float64)
-    norms = vectors.to(torch.float64).norm(dim=-1)
-    chi = c.norm(dim=-1) / torch.where(norms > 0, norms, torch.ones_like(norms))
-    return chi.clamp(0.0, 1.0)
-
-
-def norm_split(basis: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """‖P_k v‖² and ‖(I − P_k) v‖² of each row, in float64."""
-    import torch
-
-    dominant = coefficients(basis, vectors).to(torch.float64).pow(2).sum(-1)
-    total = vectors.to(torch.float64).pow(2).sum(-1)
-    return dominant, (total - dominant).clamp(min=0.0)
 
 
 def summarize(values: torch.Tensor) -> dict[str, float]:
@@ -113,7 +85,6 @@ class AlignmentResult:
     per_eigenvector: list[float] | None = None
     per_eigenvector_minibatch: dict[int, list[float]] | None = None
     k_sweep: dict[int, dict[str, Any]] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def measure(

@@ -133,3 +133,64 @@ def load_experiment(
     if need_data:
         data = (data_cache or DataCache()).get(spec)
     return Experiment(ckpt, spec, model, data)
+
+
+def describe_checkpoint(path: Path, overrides: SpecOverrides) -> dict[str, Any]:
+    """What ``inspect`` reports: the file's metadata and tensors, the plugins its metadata
+    resolves to, and the parameter count of the model built from them with the weights loaded
+    strictly (so that a checkpoint that describes cleanly can be analysed)."""
+    from subspace_cli.checkpoint import PREFIX
+    from subspace_cli.errors import CheckpointError
+    from subspace_cli.plugins import GROUPS, discover
+
+    ckpt = read_checkpoint(path)
+    report: dict[str, Any] = {
+        "checkpoint": str(path),
+        "format": "safetensors" if path.suffix.lower() == ".safetensors" else "torch",
+        "sha256": ckpt.sha256(),
+        "metadata": dict(sorted(ckpt.metadata.items())),
+        "n_tensors": len(ckpt.tensors),
+        "n_elements": ckpt.n_elements,
+    }
+    try:
+        spec = resolve_spec(ckpt, overrides)
+    except CheckpointError as exc:
+        if any(k.startswith(PREFIX) for k in ckpt.metadata) or overrides.model or overrides.data:
+            raise
+        spec = None
+        report["note"] = f"no subspace metadata ({exc}); pass --model/--data/--loss to analyse it"
+    if spec is not None:
+        plugins = {}
+        for kind, name, from_user in (
+            ("model", spec.model, spec.model_from_user),
+            ("data", spec.data, spec.data_from_user),
+        ):
+            resolve_factory(kind, name, from_user=from_user)  # refuses metadata module:attr
+            info = discover(GROUPS[kind]).get(name)
+            plugins[kind] = {
+                "name": name,
+                "distribution": info.distribution if info else None,
+                "version": info.version if info else None,
+                "entry_point": info.value if info else name,
+                "source": "command line" if from_user else "checkpoint",
+            }
+        built = build_model(spec.model, spec.model_config, from_user=spec.model_from_user)
+        load_state_strict(built, ckpt)
+        report.update(
+            {
+                "model": spec.model,
+                "model_config": spec.model_config,
+                "data": spec.data,
+                "data_config": spec.data_config,
+                "loss": spec.loss,
+                "step": spec.step,
+                "plugins": plugins,
+                "n_params": sum(p.numel() for p in built.parameters()),
+                "weights_load": True,
+            }
+        )
+    report["tensors"] = [
+        {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        for name, t in sorted(ckpt.tensors.items())
+    ]
+    return report

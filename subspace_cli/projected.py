@@ -28,21 +28,20 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from subspace_cli.data import TrainingData, iter_chunks
 from subspace_cli.errors import NumericalError, UsageError
 from subspace_cli.losses import correct_count, loss_sum
+from subspace_cli.projection import MODES, alignment, project, split
 from subspace_cli.tracking import Audit, Refresh, StepInfo, SubspaceTracker, TrackerSettings
 
 if TYPE_CHECKING:
     import torch
 
     from subspace_cli.experiment import Experiment
-    from subspace_cli.hessian import ParameterLayout
+    from subspace_cli.functional import ParameterLayout
 
-MODES = ("none", "dom", "bulk", "mix")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "sam")
 EMA_FACTOR = 0.9
 
@@ -86,7 +85,6 @@ class TrainConfig:
     device: str = "auto"
     chunk_size: int = 1000
     hvp_method: str = "auto"
-    train_mode_hessian: bool = False
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -118,31 +116,6 @@ class TrainConfig:
             tol=self.tol, max_hvps=self.max_hvps, block_size=self.block_size, seed=self.seed,
             audit_tol=self.audit_tol,
         )
-
-
-# ---------------------------------------------------------------------------- projection
-
-
-def split(basis: torch.Tensor, vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P_k v, (I − P_k) v) for the orthonormal rows of ``basis``; they are orthogonal and sum
-    to v."""
-    if basis.shape[0] == 0:
-        return vector * 0, vector.clone()
-    dominant = (basis @ vector) @ basis
-    return dominant, vector - dominant
-
-
-def project(basis: torch.Tensor, vector: torch.Tensor, mode: str, a: float = 1.0,
-            b: float = 1.0) -> torch.Tensor:
-    """The update that ``mode`` keeps of ``vector``."""
-    if mode == "none":
-        return vector
-    dominant, bulk = split(basis, vector)
-    if mode == "dom":
-        return dominant
-    if mode == "bulk":
-        return bulk
-    return a * dominant + b * bulk
 
 
 # ---------------------------------------------------------------------------- optimizers
@@ -369,8 +342,8 @@ class ProjectedTraining:
                  progress: Callable[[ProjectedTraining, StepLog | None], None] | None = None,
                  on_audit: Callable[[AuditLog], None] | None = None,
                  ) -> None:
-        from subspace_cli.hessian import select_parameters
-        from subspace_cli.spectrum import resolve_device, torch_dtype
+        from subspace_cli.functional import select_parameters
+        from subspace_cli.settings import resolve_device, torch_dtype
 
         config.check()
         assert experiment.data is not None
@@ -398,6 +371,8 @@ class ProjectedTraining:
         self.on_audit = on_audit
         self.progress = progress
         self._started = time.perf_counter()
+        self._base_operator: Any = None
+        self._base_method = ""
 
     @property
     def basis(self) -> torch.Tensor:
@@ -448,16 +423,20 @@ class ProjectedTraining:
         )
 
     def _operator(self, method: str) -> Any:
-        """The full-data Hessian operator at the current θ."""
-        from subspace_cli.spectrum import SpectrumSettings, hessian_operator
+        """The full-data Hessian operator at the current θ (the model is not written to)."""
+        from subspace_cli.settings import SpectrumSettings
+        from subspace_cli.spectrum import hessian_operator
 
-        c = self.config
-        set_parameters(self.model, self.layout, self.theta)
-        settings = SpectrumSettings(
-            k=c.k, dtype=c.dtype, device=str(self.device), chunk_size=c.chunk_size,
-            train_mode=c.train_mode_hessian, hvp_method=method, seed=c.seed,
-        )
-        return hessian_operator(self.experiment, settings)
+        if self._base_operator is None or self._base_method != method:
+            c = self.config
+            settings = SpectrumSettings(
+                k=c.k, dtype=c.dtype, device=str(self.device), chunk_size=c.chunk_size,
+                hvp_method=method, seed=c.seed,
+            )
+            self._base_operator = hessian_operator(self.experiment, settings, self.theta)
+            self._base_method = method
+            return self._base_operator
+        return self._base_operator.at(self.theta)
 
     def _needs_subspace(self, logging: bool) -> bool:
         c, s = self.config, self.state
@@ -496,7 +475,6 @@ class ProjectedTraining:
             if not math.isfinite(full_loss):
                 raise NumericalError(f"the full-batch training loss is {full_loss} at step {s.step}")
             if c.k > 0 and self.basis.shape[0]:
-                from subspace_cli.alignment import alignment
 
                 chi = float(alignment(self.basis, full_gradient[None])[0])
 
@@ -549,7 +527,6 @@ class ProjectedTraining:
                  info: StepInfo | None) -> StepLog:
         import torch
 
-        from subspace_cli.alignment import alignment
 
         c, s = self.config, self.state
         k = c.k
@@ -613,8 +590,3 @@ def parameters_tensor_dict(training: ProjectedTraining) -> dict[str, Any]:
     """The model's state_dict at the current θ (what a checkpoint stores)."""
     set_parameters(training.model, training.layout, training.theta)
     return {k: v.detach().cpu() for k, v in training.model.state_dict().items()}
-
-
-def run_path(run_dir: Path, step: int, state: bool = False) -> Path:
-    return run_dir / (f"step_{step:07d}.state.safetensors" if state
-                      else f"step_{step:07d}.safetensors")

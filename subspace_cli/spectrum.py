@@ -12,46 +12,21 @@ import datetime as _dt
 import shlex
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from subspace_cli import __version__
 from subspace_cli.errors import UsageError
+from subspace_cli.settings import SpectrumSettings
 
 if TYPE_CHECKING:
     import torch
 
     from subspace_cli.eigensolver import EigenResult
     from subspace_cli.experiment import Experiment
-    from subspace_cli.hessian import HessianOperator, ParameterLayout
+    from subspace_cli.functional import ParameterLayout
+    from subspace_cli.hessian import HessianOperator
     from subspace_cli.store import Spectrum
-
-SOLVERS = ("lanczos", "arpack")
-DTYPES = ("float32", "float64")
-
-
-@dataclass(frozen=True)
-class SpectrumSettings:
-    """How to compute a spectrum; ``None`` means the solver's default."""
-
-    k: int | None = None
-    extra: int = 0
-    tol: float | None = None
-    max_hvps: int | None = None
-    solver: str = "lanczos"
-    block_size: int | None = None
-    dtype: str = "float32"
-    device: str = "auto"
-    chunk_size: int = 1000
-    max_samples: int | None = None
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    train_mode: bool = False
-    hvp_method: str = "auto"
-    seed: int = 0
-    graph_memory: int | None = None
-    basis_memory: int | None = None
-
 
 @dataclass
 class SpectrumRun:
@@ -71,42 +46,14 @@ class SpectrumRun:
     graph_bytes: int = 0
     graphs_kept: int = 0
     n_chunks: int = 0
-    extra_info: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU; an unavailable CUDA device is a usage error."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"device {name} requested but CUDA is not available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(
-                f"device {name} requested but only {torch.cuda.device_count()} CUDA devices exist"
-            )
-    elif device.type != "cpu":
-        raise UsageError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
-    return device
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    if name not in DTYPES:
-        raise UsageError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}")
-    return torch.float64 if name == "float64" else torch.float32
-
-
-def hessian_operator(experiment: Experiment, settings: SpectrumSettings) -> HessianOperator:
-    """The full-training-set Hessian operator of an experiment under ``settings``."""
-    from subspace_cli.hessian import HessianOperator, select_parameters
+def hessian_operator(experiment: Experiment, settings: SpectrumSettings,
+                     parameters: torch.Tensor | None = None) -> HessianOperator:
+    """The full-training-set Hessian operator of an experiment under ``settings``, at
+    ``parameters`` (a flat θ; default the model's own)."""
+    from subspace_cli.functional import select_parameters
+    from subspace_cli.hessian import HessianOperator
 
     assert experiment.data is not None
     layout = select_parameters(experiment.model, settings.include, settings.exclude)
@@ -117,11 +64,12 @@ def hessian_operator(experiment: Experiment, settings: SpectrumSettings) -> Hess
         layout=layout,
         chunk_size=settings.chunk_size,
         max_samples=settings.max_samples,
-        device=resolve_device(settings.device),
-        dtype=torch_dtype(settings.dtype),
+        device=settings.resolved_device,
+        dtype=settings.resolved_dtype,
         train_mode=settings.train_mode,
         method=settings.hvp_method,
         graph_memory=settings.graph_memory,
+        parameters=parameters,
     )
 
 
@@ -149,8 +97,6 @@ def compute_spectrum(
     """Top-k (+ extra) eigenpairs of the Hessian of the full training loss at a checkpoint."""
     from subspace_cli.eigensolver import arpack_eigenpairs, default_block_size, top_eigenpairs
 
-    if settings.solver not in SOLVERS:
-        raise UsageError(f"unknown solver {settings.solver!r}: choose one of {', '.join(SOLVERS)}")
     assert experiment.data is not None
     k = settings.k if settings.k is not None else experiment.data.num_classes
     op = hessian_operator(experiment, settings)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from subspace_cli.data import TrainingData, iter_chunks
 from subspace_cli.errors import InputError
@@ -54,3 +54,46 @@ def evaluate(
     finally:
         model.train(was_training)
     return Evaluation(total / count, correct / count, count)
+
+
+def initialise_checkpoint(model: str, model_config: str, data: str, data_config: str, loss: str,
+                          *, seed: int, output: str, overwrite: bool) -> dict[str, Any]:
+    """Write a freshly initialised checkpoint of the ``model`` plugin (configs as JSON text)
+    with full metadata, so that every later command needs only its path; returns what
+    ``subspace init`` prints."""
+    from pathlib import Path
+
+    from subspace_cli.checkpoint import ExperimentSpec, parse_json_object, write_checkpoint
+    from subspace_cli.errors import UsageError
+    from subspace_cli.experiment import build_data, build_model, complete_model_config
+
+    if Path(output).exists() and not overwrite:
+        raise UsageError(f"{output} exists; pass --overwrite to replace it")
+    import torch
+
+    data_cfg = parse_json_object(data_config, "--data-config")
+    dataset = build_data(data, data_cfg, from_user=True)
+    model_cfg = complete_model_config(
+        model, parse_json_object(model_config, "--model-config"), dataset, from_user=True
+    )
+    torch.manual_seed(seed)
+    net = build_model(model, model_cfg, from_user=True)
+    spec = ExperimentSpec(model, model_cfg, data, data_cfg, loss, 0, True, True)
+    stats = evaluate(net, dataset, loss)
+    metadata = spec.to_metadata(step=0)
+    metadata["subspace.seed"] = str(seed)
+    write_checkpoint(output, net.state_dict(), metadata, overwrite=overwrite)
+    summary = {
+        "checkpoint": output,
+        "model": model,
+        "model_config": model_cfg,
+        "data": data,
+        "data_config": data_cfg,
+        "loss": loss,
+        "seed": seed,
+        "n_params": sum(p.numel() for p in net.parameters()),
+        "n_samples": len(dataset),
+        "train_loss": stats.loss,
+        "train_accuracy": stats.accuracy,
+    }
+    return summary

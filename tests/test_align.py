@@ -18,7 +18,8 @@ from plugin_fixtures import (  # noqa: F401
 )
 
 from subspace_cli import store
-from subspace_cli.alignment import alignment, norm_split, summarize
+from subspace_cli.alignment import summarize
+from subspace_cli.projection import alignment, norm_split
 
 N, D, C = TOY_N, TOY_D, TOY_C
 run = run_cli

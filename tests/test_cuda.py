@@ -8,7 +8,8 @@ from test_eigensolver import dense_eigh
 from tiny_models import CASES
 
 from subspace_cli.eigensolver import subspace_overlap, top_eigenpairs
-from subspace_cli.hessian import HVP_METHODS, HessianOperator
+from subspace_cli.hessian import HessianOperator
+from subspace_cli.settings import HVP_METHODS
 
 pytestmark = [
     pytest.mark.cuda,

@@ -19,7 +19,8 @@ from tiny_models import (  # noqa: F401
 
 from subspace_cli.data import TrainingData
 from subspace_cli.errors import NumericalError, UsageError
-from subspace_cli.hessian import HessianOperator, ParameterLayout, select_parameters
+from subspace_cli.functional import ParameterLayout, select_parameters
+from subspace_cli.hessian import HessianOperator
 
 
 def dense(case_id: str) -> torch.Tensor:
@@ -51,13 +52,6 @@ def test_matmat_matches_dense_hessian(case_id: str, method: str) -> None:
     torch.testing.assert_close(products, vectors @ hessian, rtol=1e-9, atol=1e-11)
     assert op.method == method
     assert op.hvp_count == 3
-
-
-def test_cli_offers_exactly_the_operator_methods() -> None:
-    from subspace_cli.commands.common import HVP_METHOD_CHOICES
-    from subspace_cli.hessian import HVP_METHODS
-
-    assert HVP_METHOD_CHOICES == HVP_METHODS
 
 
 def test_forward_over_reverse_equals_reverse_over_reverse(case_id: str) -> None:
@@ -105,38 +99,82 @@ def _small_mlp() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
 
 
-def test_auto_probe_runs_and_counts_exactly_these_products(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """96 samples in chunks of 40, 3 vectors, a fake clock with a fixed cost per method."""
-    import subspace_cli.hessian as hessian
+def kernel_product(model: torch.nn.Module, fail: object = None) -> object:
+    """A chunk-product function for :func:`subspace_cli.hvp.race` built from the public
+    kernels, with the model's float64 θ; ``fail(method, x)`` may raise to simulate a failure."""
+    from subspace_cli import hvp
+    from subspace_cli.functional import FunctionalModel
+    from subspace_cli.losses import loss_sum
+
+    functional = FunctionalModel(model, select_parameters(model), device=torch.device("cpu"),
+                                 dtype=torch.float64, train_mode=False)
+    theta = functional.current_parameters()
+    store, state = hvp.GraphStore(1 << 30), hvp.ReverseState()
+
+    def product(method, x, y, vectors, index):  # type: ignore[no-untyped-def]
+        if fail is not None:
+            fail(method, x)  # type: ignore[operator]
+        x = x.to(torch.float64)
+
+        def loss(t: torch.Tensor) -> torch.Tensor:
+            return loss_sum("mse", functional(t, x), y)
+
+        batched = not method.endswith("-loop")
+        if hvp.ad_mode(method) == "forward":
+            return hvp.forward_hvp(loss, theta, vectors, batched=batched)
+        leaf, grad = store.get(loss, theta, index)
+        return hvp.reverse_hvp(leaf, grad, vectors, batched=batched, state=state)
+
+    return product
+
+
+def chunk_of(data: TrainingData, n: int) -> TrainingData:
+    assert data.x is not None and data.y is not None
+    return TrainingData(num_classes=data.num_classes, x=data.x[:n], y=data.y[:n])
+
+
+def test_the_race_runs_and_counts_exactly_these_products() -> None:
+    """A 40-sample chunk, 3 vectors, a fake clock with a fixed cost per method."""
+    from subspace_cli import hvp
 
     cost = {"forward": 4.0, "reverse": 3.0, "forward-loop": 1.4, "reverse-loop": 1.0}
     clock = [0.0]
     calls: list[tuple[str, int, int]] = []
-    original = HessianOperator._hvp
+    model, data = _small_mlp(), make_data((3,), n=96)
+    inner = kernel_product(model)
 
-    def spied(self, method, x, y, vectors, index=None):  # type: ignore[no-untyped-def]
+    def product(method, x, y, vectors, index):  # type: ignore[no-untyped-def]
         calls.append((method, x.shape[0], vectors.shape[0]))
         clock[0] += cost[method]
-        return original(self, method, x, y, vectors, index)
+        return inner(method, x, y, vectors, index)  # type: ignore[operator]
 
-    monkeypatch.setattr(HessianOperator, "_hvp", spied)
-    monkeypatch.setattr(hessian.time, "perf_counter", lambda: clock[0])
-    model, data = _small_mlp(), make_data((3,), n=96)
-    op = HessianOperator(model, data, "mse", dtype=torch.float64, chunk_size=40)
-    vectors = random_block(3, op.n_params)
-    torch.testing.assert_close(op.matmat(vectors), vectors @ dense_hessian(model, data, "mse"))
+    chunk = chunk_of(data, 40)
+    vectors = random_block(3, select_parameters(model).n_params)
+    result = hvp.race(product, chunk.x, chunk.y, vectors, 0, clock=lambda: clock[0])
     warm_ups = [(name, 32, 2) for name in ("forward", "reverse", "forward-loop", "reverse-loop")]
     timed = [(name, 40, 3) for name in ("forward", "reverse", "forward-loop", "reverse-loop")]
     # round 2, fastest first: the two fastest (reverse-loop, forward-loop, within 1.5x of the
     # best anyway), not the others
     retimed = [("reverse-loop", 40, 3), ("forward-loop", 40, 3)]
-    rest = [("reverse-loop", 40, 3), ("reverse-loop", 16, 3)]  # the other chunks
-    assert calls == warm_ups + timed + retimed + rest
-    assert op.method == "reverse-loop" and op.probe_runs == 6
-    assert op.method_seconds == pytest.approx(cost)
-    assert op.probe_hvps == pytest.approx((4 * 2 * 32 + 5 * 3 * 40) / 96)
+    assert calls == warm_ups + timed + retimed
+    assert result.method == "reverse-loop" and result.runs == 6
+    assert result.seconds == pytest.approx(cost)
+    assert result.work == 4 * 2 * 32 + 5 * 3 * 40  # everything but the kept product
+    # the kept product is the chunk's sum of per-sample HVPs
+    expected = 40 * (vectors @ dense_hessian(model, chunk, "mse"))
+    torch.testing.assert_close(result.product, expected)
+
+
+def test_an_operator_that_races_reports_the_race() -> None:
+    model, data = _small_mlp(), make_data((3,), n=96)
+    op = HessianOperator(model, data, "mse", dtype=torch.float64, chunk_size=40)
+    vectors = random_block(3, op.n_params)
+    torch.testing.assert_close(op.matmat(vectors), vectors @ dense_hessian(model, data, "mse"))
+    assert op.method_choice == "timed" and op.method in op.method_seconds
+    assert 6 <= op.probe_runs <= 8
+    # four warm-ups on 32 samples, four timed whole-chunk products and two to four retimed
+    # ones, less the one kept, over 96 samples
+    assert (4 * 2 * 32 + 5 * 3 * 40) / 96 <= op.probe_hvps <= (4 * 2 * 32 + 7 * 3 * 40) / 96
     assert op.hvp_count == 3
 
 
@@ -149,19 +187,31 @@ def test_auto_with_one_vector_on_a_cpu_takes_reverse_loop_without_a_race() -> No
     assert op.method_seconds == {} and op.probe_runs == 0 and op.probe_hvps == 0.0
 
 
-def test_a_one_vector_race_when_reverse_mode_fails_uses_the_loops(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    def no_double_backward(self, x, y, vectors, *, batched, index=None):  # type: ignore[no-untyped-def]
+def test_a_one_vector_race_when_reverse_mode_fails_uses_the_loops() -> None:
+    from subspace_cli import hvp
+
+    def no_double_backward(method: str, x: torch.Tensor) -> None:
+        if hvp.ad_mode(method) == "reverse":
+            raise RuntimeError("the derivative for 'fake_op' is not implemented")
+
+    model, data = _small_mlp(), make_data((3,), n=96)
+    product = kernel_product(model, no_double_backward)
+    vector = random_block(1, select_parameters(model).n_params)
+    result = hvp.race(product, data.x, data.y, vector, 0)  # type: ignore[arg-type]
+    assert result.method == "forward-loop" and set(result.seconds) == {"forward-loop"}
+    torch.testing.assert_close(result.product, 96 * (vector @ dense_hessian(model, data, "mse")))
+
+
+def test_a_race_where_nothing_differentiates_names_the_op() -> None:
+    from subspace_cli import hvp
+
+    def nothing(method: str, x: torch.Tensor) -> None:
         raise RuntimeError("the derivative for 'fake_op' is not implemented")
 
-    monkeypatch.setattr(HessianOperator, "_reverse_hvp", no_double_backward)
     model, data = _small_mlp(), make_data((3,), n=96)
-    op = HessianOperator(model, data, "mse", dtype=torch.float64)
-    vector = random_block(1, op.n_params)[0]
-    torch.testing.assert_close(op.matvec(vector), dense_hessian(model, data, "mse") @ vector)
-    assert op.method == "forward-loop" and op.method_choice == "timed"
-    assert set(op.method_seconds) == {"forward-loop"}
+    vectors = random_block(2, select_parameters(model).n_params)
+    with pytest.raises(NumericalError, match="derivative for 'fake_op'"):
+        hvp.race(kernel_product(model, nothing), data.x, data.y, vectors, 0)  # type: ignore[arg-type]
 
 
 def test_a_raced_choice_is_cached_for_the_next_operator(tmp_path: Path) -> None:
@@ -223,23 +273,19 @@ def test_graphs_are_kept_only_within_the_budget() -> None:
         HessianOperator(model, data, "mse", graph_memory=-1)
 
 
-def test_a_method_failing_only_on_the_whole_chunk_drops_out(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    original = HessianOperator._forward_hvp
+def test_a_method_failing_only_on_the_whole_chunk_drops_out() -> None:
+    from subspace_cli import hvp
 
-    def out_of_memory(self, x, y, vectors, *, batched):  # type: ignore[no-untyped-def]
-        if x.shape[0] > 32:
+    def out_of_memory(method: str, x: torch.Tensor) -> None:
+        if hvp.ad_mode(method) == "forward" and x.shape[0] > 32:
             raise RuntimeError("out of memory (simulated)")
-        return original(self, x, y, vectors, batched=batched)
 
-    monkeypatch.setattr(HessianOperator, "_forward_hvp", out_of_memory)
     model, data = _small_mlp(), make_data((3,), n=96)
-    op = HessianOperator(model, data, "mse", dtype=torch.float64, chunk_size=96)
-    vectors = random_block(2, op.n_params)
-    torch.testing.assert_close(op.matmat(vectors), vectors @ dense_hessian(model, data, "mse"))
-    assert op.method in ("reverse", "reverse-loop")
-    assert set(op.method_seconds) == {"reverse", "reverse-loop"}
+    vectors = random_block(2, select_parameters(model).n_params)
+    result = hvp.race(kernel_product(model, out_of_memory), data.x, data.y, vectors, 0)  # type: ignore[arg-type]
+    assert result.method in ("reverse", "reverse-loop")
+    assert set(result.seconds) == {"reverse", "reverse-loop"}
+    torch.testing.assert_close(result.product, 96 * (vectors @ dense_hessian(model, data, "mse")))
 
 
 def test_loop_methods_do_not_batch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -530,3 +576,33 @@ def test_bad_options_are_usage_errors(options: dict[str, object], message: str) 
     loss = arguments.pop("loss")
     with pytest.raises(UsageError, match=message):
         HessianOperator(torch.nn.Linear(3, 3), make_data((3,)), loss, **arguments)  # type: ignore[arg-type]
+
+
+def test_operator_at_other_parameters_matches_a_model_holding_them() -> None:
+    """``at(θ')`` and ``parameters=θ'`` take the Hessian at θ' without writing to the model;
+    products match a dense Hessian of a model that holds θ'."""
+    import copy
+
+    model_factory, data_factory, loss = CASES["mlp-tanh/mse"]
+    model, data = model_factory().to(torch.float64), data_factory()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    op = HessianOperator(model, data, loss, dtype=torch.float64, method="reverse-loop")
+    shifted = op.parameters + 0.3 * random_block(1, op.n_params, seed=5)[0]
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, value in op.layout.unflatten(shifted).items():
+            dict(moved.named_parameters())[name].copy_(value)
+    expected = dense_hessian(moved, data, loss)
+    assert (expected - dense_hessian(model, data, loss)).abs().max() > 1e-3  # θ' matters
+    vectors = random_block(2, op.n_params, seed=6)
+    op.matmat(vectors)  # keeps graphs at θ, which at(θ') must not reuse
+    for other in (op.at(shifted),
+                  HessianOperator(model, data, loss, dtype=torch.float64, parameters=shifted)):
+        torch.testing.assert_close(other.matmat(vectors), vectors @ expected, rtol=1e-9,
+                                   atol=1e-11)
+        torch.testing.assert_close(other.parameters, shifted)
+    assert op.at(shifted).hvp_count == 0 and op.hvp_count == 2
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[name])
+    with pytest.raises(ValueError, match="length"):
+        op.at(shifted[:-1])

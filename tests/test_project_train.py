@@ -24,7 +24,8 @@ from plugin_fixtures import linear_checkpoint as _linear_checkpoint
 
 from subspace_cli import runlog
 from subspace_cli.checkpoint import read_checkpoint
-from subspace_cli.projected import EMA_FACTOR, project, split
+from subspace_cli.projected import EMA_FACTOR
+from subspace_cli.projection import project, split
 
 N, D, C = TOY_N, TOY_D, TOY_C
 run = run_cli

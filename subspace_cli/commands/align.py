@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from subspace_cli.analysis.alignment import HESSIANS
 from subspace_cli.commands.common import (
     examples,
     for_each_input,
@@ -16,8 +17,6 @@ from subspace_cli.commands.common import (
     plugin_options,
 )
 from subspace_cli.commands.spectrum import settings_from, spectrum_options
-
-SUBGROUP = {"full": "alignment", "minibatch": "alignment-minibatch-hessian"}
 
 
 def parse_k_sweep(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[int]:
@@ -75,7 +74,7 @@ def parse_k_sweep(_ctx: click.Context, _param: click.Parameter, value: str | Non
 @click.option(
     "--hessian",
     "hessian_kind",
-    type=click.Choice(["full", "minibatch"]),
+    type=click.Choice(HESSIANS),
     default="full",
     show_default=True,
     help="full: the full-training-set Hessian; minibatch: the Hessian of one random "
@@ -123,7 +122,9 @@ def align_command(
     settings = settings_from(params)
     overrides = overrides_from(model, model_config, data, data_config, loss)
     sizes = list(batch_sizes) or [50]
-    job = AlignJob(
+    from subspace_cli.analysis import AlignmentAnalysis
+
+    analysis = AlignmentAnalysis(
         settings,
         overrides,
         eigenspace=eigenspace,
@@ -134,12 +135,12 @@ def align_command(
         batches=batches,
         per_eigenvector=per_eigenvector,
         k_sweep=k_sweep,
-        hessian_kind=hessian_kind,
+        hessian=hessian_kind,
     )
     results: list[dict[str, Any]] = []
 
     def handle(path: Path) -> None:
-        results.append(job.run(path))
+        results.append(analysis.run(path))
 
     outcome = for_each_input(ctx, checkpoints, handle)
     from subspace_cli.output import emit_json
@@ -149,291 +150,6 @@ def align_command(
     elif results:
         render(results, sizes)
     outcome.exit(ctx)
-
-
-class AlignJob:
-    def __init__(
-        self,
-        settings: Any,
-        overrides: Any,
-        *,
-        eigenspace: str | None,
-        output: str | None,
-        overwrite: bool,
-        quiet: bool,
-        batch_sizes: list[int],
-        batches: int,
-        per_eigenvector: bool,
-        k_sweep: list[int],
-        hessian_kind: str,
-    ) -> None:
-        from subspace_cli.experiment import DataCache
-
-        self.settings = settings
-        self.overrides = overrides
-        self.eigenspace = eigenspace
-        self.output = output
-        self.overwrite = overwrite
-        self.quiet = quiet
-        self.batch_sizes = batch_sizes
-        self.batches = batches
-        self.per_eigenvector = per_eigenvector
-        self.k_sweep = k_sweep
-        self.hessian_kind = hessian_kind
-        self.data_cache = DataCache()
-        self.previous: Any = None  # (names, vectors, path): warm start for the next checkpoint
-
-    def run(self, path: Path) -> dict[str, Any]:
-        from subspace_cli import store
-        from subspace_cli.alignment import measure
-        from subspace_cli.errors import UsageError
-        from subspace_cli.experiment import load_experiment
-        from subspace_cli.output import progress_bar, progress_enabled
-        from subspace_cli.spectrum import hessian_operator
-
-        if self.output and not self.overwrite:
-            existing = (
-                store.read_subgroup(self.output, path, SUBGROUP[self.hessian_kind])
-                if Path(self.output).exists()
-                else None
-            )
-            if existing is not None:
-                raise UsageError(
-                    f"{self.output} already holds alignment results for {path}; "
-                    "pass --overwrite to replace them"
-                )
-        experiment = load_experiment(path, self.overrides, data_cache=self.data_cache)
-        assert experiment.data is not None
-        k = self.settings.k if self.settings.k is not None else experiment.data.num_classes
-        need = max([k, *self.k_sweep])
-        op = hessian_operator(experiment, self.settings)
-        vectors, source, eigenvalues = self._eigenspace(experiment, op, need)
-        enabled = progress_enabled(self.quiet)
-        total = self.batches * len(self.batch_sizes)
-        with progress_bar(f"{path.name} gradients", total, enabled=enabled) as bar:
-            result = measure(
-                op,
-                vectors,
-                k,
-                batch_sizes=self.batch_sizes,
-                batches=self.batches,
-                seed=self.settings.seed,
-                per_eigenvector=self.per_eigenvector,
-                k_sweep=self.k_sweep,
-                progress=lambda done, _total: bar.update(completed=done),
-            )
-        record = record_of(result, experiment, self, source, eigenvalues[:need], op)
-        if self.output:
-            record["group"] = store.write_subgroup(
-                self.output,
-                path,
-                SUBGROUP[self.hessian_kind],
-                *stored_form(record, result),
-                overwrite=self.overwrite,
-            )
-        return record
-
-    def _eigenspace(self, experiment: Any, op: Any, need: int) -> tuple[Any, str, list[float]]:
-        """Dominant eigenvectors (rows), where they came from, and their eigenvalues."""
-        import torch
-
-        from subspace_cli import store
-        from subspace_cli.errors import InputError
-
-        path = experiment.checkpoint.path
-        sha = experiment.checkpoint.sha256()
-        names = op.layout.names
-        init, warm = None, None
-        if self.hessian_kind == "full" and self.eigenspace:
-            stored = store.read_spectrum(self.eigenspace, path, sha256=sha)
-            if stored is not None:
-                if stored.checkpoint_sha256 != sha:
-                    raise InputError(
-                        f"{self.eigenspace} holds a spectrum of {stored.checkpoint} with tensor "
-                        f"SHA-256 {stored.checkpoint_sha256}, but {path} has SHA-256 {sha}: the "
-                        "checkpoint is not the one analysed (recompute with `subspace spectrum`)"
-                    )
-                if tuple(stored.param_names) != tuple(names):
-                    raise InputError(
-                        f"{self.eigenspace}: the spectrum of {path} covers parameters "
-                        f"{', '.join(stored.param_names)}, not the selected "
-                        f"{', '.join(names)} (match --params/--exclude)"
-                    )
-                if int(stored.attrs.get("n_samples", op.n_samples)) != op.n_samples:
-                    from subspace_cli.output import say
-
-                    say(
-                        f"warning: the stored spectrum of {path} averages over "
-                        f"{stored.attrs['n_samples']} samples, the gradients here over "
-                        f"{op.n_samples} (match --max-samples)"
-                    )
-                if len(stored.eigenvalues) >= need:
-                    source = f"{self.eigenspace}:{stored.group}"
-                    vectors = torch.from_numpy(stored.eigenvectors[:need])
-                    return vectors, source, [float(v) for v in stored.eigenvalues]
-                from subspace_cli.output import say
-
-                say(
-                    f"note: {self.eigenspace} holds {len(stored.eigenvalues)} eigenvectors of "
-                    f"{path}, {need} are needed: computing them, warm-started from those"
-                )
-                init, warm = torch.from_numpy(stored.eigenvectors), self.eigenspace
-            else:
-                from subspace_cli.output import say
-
-                say(f"note: {self.eigenspace} has no spectrum of {path}; computing it")
-        return self._compute(experiment, need, init, warm)
-
-    def _compute(
-        self, experiment: Any, need: int, init: Any, warm: str | None
-    ) -> tuple[Any, str, list[float]]:
-        import dataclasses
-
-        import torch
-
-        from subspace_cli import store
-        from subspace_cli.alignment import minibatch_indices, subset
-        from subspace_cli.output import progress_bar, progress_enabled, say
-        from subspace_cli.spectrum import compute_spectrum, to_stored
-
-        settings = dataclasses.replace(self.settings, k=need, extra=0)
-        target = experiment
-        if self.hessian_kind == "minibatch":
-            assert experiment.data is not None
-            generator = torch.Generator().manual_seed(self.settings.seed + 1_000_003)
-            [idx] = minibatch_indices(len(experiment.data), self.batch_sizes[0], 1, generator)
-            target = dataclasses.replace(experiment, data=subset(experiment.data, idx))
-        elif self.previous is not None and init is None:
-            names, vectors, prev_path = self.previous
-            init, warm = vectors, prev_path
-        enabled = progress_enabled(self.quiet)
-        with progress_bar(
-            f"{experiment.checkpoint.path.name} eigenspace", settings.max_hvps, enabled=enabled
-        ) as bar:
-            run = compute_spectrum(
-                target,
-                settings,
-                init=init,
-                warm_start=warm,
-                progress=lambda h, _r: bar.update(completed=h),
-            )
-        if not run.result.all_converged:
-            say(
-                f"warning: {experiment.checkpoint.path}: the eigenspace did not converge "
-                f"within {run.result.hvp_count} HVPs; χ is measured against it anyway"
-            )
-        vectors = run.result.eigenvectors
-        if self.hessian_kind == "full":
-            self.previous = (run.layout.names, vectors, str(experiment.checkpoint.path))
-            if self.output:
-                exists = store.has_group(self.output, experiment.checkpoint.path)
-                if not exists or self.overwrite:
-                    store.write_spectrum(
-                        self.output, to_stored(run, experiment), overwrite=self.overwrite
-                    )
-            source = f"computed ({run.result.hvp_count} HVPs)"
-        else:
-            source = (
-                f"computed from a mini-batch Hessian ({self.batch_sizes[0]} samples, "
-                f"{run.result.hvp_count} HVPs)"
-            )
-        return vectors, source, [float(v) for v in run.result.eigenvalues]
-
-
-def record_of(
-    result: Any, experiment: Any, job: AlignJob, source: str, eigenvalues: list[float], op: Any
-) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "checkpoint": str(experiment.checkpoint.path),
-        "step": experiment.spec.step,
-        "k": result.k,
-        "hessian": (
-            "full training set"
-            if job.hessian_kind == "full"
-            else f"one mini-batch of {job.batch_sizes[0]} samples"
-        ),
-        "eigenspace": source,
-        "eigenvalues": eigenvalues,
-        "chi_full": result.chi_full,
-        "chi_minibatch": {str(b): stats for b, stats in result.chi_minibatch.items()},
-        "norms_full": {"dominant_sq": result.full_norms[0], "bulk_sq": result.full_norms[1]},
-        "norms_minibatch": {
-            str(b): {"dominant_sq_mean": d, "bulk_sq_mean": u}
-            for b, (d, u) in result.minibatch_norms.items()
-        },
-        "train_loss": result.train_loss,
-        "gradient_norm": result.gradient_norm,
-        "batches": job.batches,
-        "seed": job.settings.seed,
-        "n_params": op.n_params,
-        "n_samples": op.n_samples,
-        "loss": experiment.loss,
-        "mode": "train" if job.settings.train_mode else "eval",
-    }
-    if result.per_eigenvector is not None:
-        record["per_eigenvector"] = {
-            "full": result.per_eigenvector,
-            "minibatch_mean": {str(b): v for b, v in result.per_eigenvector_minibatch.items()},
-        }
-    if result.k_sweep is not None:
-        record["k_sweep"] = {
-            str(kk): {
-                "chi_full": v["chi_full"],
-                "chi_minibatch_mean": {str(b): c for b, c in v["chi_minibatch_mean"].items()},
-            }
-            for kk, v in result.k_sweep.items()
-        }
-    return record
-
-
-def stored_form(record: dict[str, Any], result: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Attributes and datasets of the ``alignment`` subgroup (docs/format.md)."""
-    import datetime as dt
-    import shlex
-    import sys
-
-    sizes = sorted(result.chi_samples)
-    attrs = {
-        "encoding-type": "alignment",
-        "encoding-version": "1.0",
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
-        "command": shlex.join(["subspace", *sys.argv[1:]]),
-        **{
-            key: record[key]
-            for key in (
-                "k",
-                "hessian",
-                "eigenspace",
-                "chi_full",
-                "train_loss",
-                "gradient_norm",
-                "batches",
-                "seed",
-                "mode",
-            )
-        },
-        "full_dominant_sq": result.full_norms[0],
-        "full_bulk_sq": result.full_norms[1],
-    }
-    datasets: dict[str, Any] = {
-        "batch_sizes": sizes,
-        "chi_minibatch": [result.chi_samples[b] for b in sizes],
-        "minibatch_dominant_sq_mean": [result.minibatch_norms[b][0] for b in sizes],
-        "minibatch_bulk_sq_mean": [result.minibatch_norms[b][1] for b in sizes],
-    }
-    if result.per_eigenvector is not None:
-        datasets["per_eigenvector"] = result.per_eigenvector
-        datasets["per_eigenvector_minibatch_mean"] = [
-            result.per_eigenvector_minibatch[b] for b in sizes
-        ]
-    if result.k_sweep is not None:
-        ks = sorted(result.k_sweep)
-        datasets["k_sweep"] = ks
-        datasets["k_sweep_chi_full"] = [result.k_sweep[kk]["chi_full"] for kk in ks]
-        datasets["k_sweep_chi_minibatch_mean"] = [
-            [result.k_sweep[kk]["chi_minibatch_mean"][b] for b in sizes] for kk in ks
-        ]
-    return attrs, datasets
 
 
 def render(records: list[dict[str, Any]], sizes: list[int]) -> None:

@@ -13,7 +13,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 #: ``--hvp-method`` choices; the same as ``hessian.HVP_METHODS``, kept here so that ``--help``
 #: does not import torch (a test checks that the two agree).
-HVP_METHOD_CHOICES = ("auto", "forward", "reverse", "forward-loop", "reverse-loop")
 HVP_METHOD_HELP = (
     "HVP: forward-over-reverse or reverse-over-reverse, batched over the vectors or one vector "
     "at a time (-loop), or auto (reverse-loop for one vector on a CPU; otherwise time all four "

@@ -58,43 +58,11 @@ def init_command(
     The checkpoint records model, data and loss plugins and their configs, so
     every later command needs only its path.
     """
-    from pathlib import Path
-
-    from subspace_cli.checkpoint import ExperimentSpec, parse_json_object, write_checkpoint
-    from subspace_cli.errors import UsageError
-    from subspace_cli.experiment import build_data, build_model, complete_model_config
     from subspace_cli.output import emit_json, emit_table
-    from subspace_cli.training import evaluate
+    from subspace_cli.training import initialise_checkpoint
 
-    if Path(output).exists() and not overwrite:
-        raise UsageError(f"{output} exists; pass --overwrite to replace it")
-    import torch
-
-    data_cfg = parse_json_object(data_config, "--data-config")
-    dataset = build_data(data, data_cfg, from_user=True)
-    model_cfg = complete_model_config(
-        model, parse_json_object(model_config, "--model-config"), dataset, from_user=True
-    )
-    torch.manual_seed(seed)
-    net = build_model(model, model_cfg, from_user=True)
-    spec = ExperimentSpec(model, model_cfg, data, data_cfg, loss, 0, True, True)
-    stats = evaluate(net, dataset, loss)
-    metadata = spec.to_metadata(step=0)
-    metadata["subspace.seed"] = str(seed)
-    write_checkpoint(output, net.state_dict(), metadata, overwrite=overwrite)
-    summary = {
-        "checkpoint": output,
-        "model": model,
-        "model_config": model_cfg,
-        "data": data,
-        "data_config": data_cfg,
-        "loss": loss,
-        "seed": seed,
-        "n_params": sum(p.numel() for p in net.parameters()),
-        "n_samples": len(dataset),
-        "train_loss": stats.loss,
-        "train_accuracy": stats.accuracy,
-    }
+    summary = initialise_checkpoint(model, model_config, data, data_config, loss, seed=seed,
+                                    output=output, overwrite=overwrite)
     if as_json:
         emit_json(summary)
     else:

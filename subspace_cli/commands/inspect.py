@@ -55,7 +55,9 @@ def inspect_command(
     results: list[dict[str, Any]] = []
 
     def handle(path: Path) -> None:
-        report = inspect_checkpoint(path, overrides)
+        from subspace_cli.experiment import describe_checkpoint
+
+        report = describe_checkpoint(path, overrides)
         results.append(report)
         if not as_json:
             render(report, tensors)
@@ -69,65 +71,6 @@ def inspect_command(
                 r.pop("tensors", None)
         emit_json(results)
     outcome.exit(ctx)
-
-
-def inspect_checkpoint(path: Path, overrides: Any) -> dict[str, Any]:
-    from subspace_cli.checkpoint import PREFIX, load_state_strict, read_checkpoint, resolve_spec
-    from subspace_cli.errors import CheckpointError
-    from subspace_cli.experiment import build_model
-    from subspace_cli.plugins import GROUPS, discover, resolve_factory
-
-    ckpt = read_checkpoint(path)
-    report: dict[str, Any] = {
-        "checkpoint": str(path),
-        "format": "safetensors" if path.suffix.lower() == ".safetensors" else "torch",
-        "sha256": ckpt.sha256(),
-        "metadata": dict(sorted(ckpt.metadata.items())),
-        "n_tensors": len(ckpt.tensors),
-        "n_elements": ckpt.n_elements,
-    }
-    try:
-        spec = resolve_spec(ckpt, overrides)
-    except CheckpointError as exc:
-        if any(k.startswith(PREFIX) for k in ckpt.metadata) or overrides.model or overrides.data:
-            raise
-        spec = None
-        report["note"] = f"no subspace metadata ({exc}); pass --model/--data/--loss to analyse it"
-    if spec is not None:
-        plugins = {}
-        for kind, name, from_user in (
-            ("model", spec.model, spec.model_from_user),
-            ("data", spec.data, spec.data_from_user),
-        ):
-            resolve_factory(kind, name, from_user=from_user)  # refuses metadata module:attr
-            info = discover(GROUPS[kind]).get(name)
-            plugins[kind] = {
-                "name": name,
-                "distribution": info.distribution if info else None,
-                "version": info.version if info else None,
-                "entry_point": info.value if info else name,
-                "source": "command line" if from_user else "checkpoint",
-            }
-        built = build_model(spec.model, spec.model_config, from_user=spec.model_from_user)
-        load_state_strict(built, ckpt)
-        report.update(
-            {
-                "model": spec.model,
-                "model_config": spec.model_config,
-                "data": spec.data,
-                "data_config": spec.data_config,
-                "loss": spec.loss,
-                "step": spec.step,
-                "plugins": plugins,
-                "n_params": sum(p.numel() for p in built.parameters()),
-                "weights_load": True,
-            }
-        )
-    report["tensors"] = [
-        {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-        for name, t in sorted(ckpt.tensors.items())
-    ]
-    return report
 
 
 def render(report: dict[str, Any], tensors: bool) -> None:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 
 from subspace_cli.commands.common import (
-    HVP_METHOD_CHOICES,
     HVP_METHOD_HELP,
     ByteSize,
     examples,
@@ -20,6 +17,7 @@ from subspace_cli.commands.common import (
     overrides_from,
     plugin_options,
 )
+from subspace_cli.settings import DTYPES, HVP_METHODS, SOLVERS
 
 
 def spectrum_options(f: Any) -> Any:
@@ -55,7 +53,7 @@ def spectrum_options(f: Any) -> Any:
         ),
         click.option(
             "--solver",
-            type=click.Choice(["lanczos", "arpack"]),
+            type=click.Choice(SOLVERS),
             default="lanczos",
             show_default=True,
             help="lanczos: thick-restart Lanczos in torch on the device (one vector at a "
@@ -85,7 +83,7 @@ def spectrum_options(f: Any) -> Any:
         ),
         click.option(
             "--dtype",
-            type=click.Choice(["float32", "float64"]),
+            type=click.Choice(DTYPES),
             default="float32",
             show_default=True,
             help="Precision of parameters, data and HVPs.",
@@ -130,7 +128,7 @@ def spectrum_options(f: Any) -> Any:
         ),
         click.option(
             "--hvp-method",
-            type=click.Choice(HVP_METHOD_CHOICES),
+            type=click.Choice(HVP_METHODS),
             default="auto",
             show_default=True,
             help=HVP_METHOD_HELP,
@@ -149,7 +147,7 @@ def spectrum_options(f: Any) -> Any:
 
 
 def settings_from(params: dict[str, Any]) -> Any:
-    from subspace_cli.spectrum import SpectrumSettings
+    from subspace_cli.settings import SpectrumSettings
 
     return SpectrumSettings(
         k=params["k"],
@@ -240,7 +238,9 @@ def spectrum_command(
         raise UsageError("--json and --jsonl are alternatives: pick one")
     settings = settings_from(params)
     overrides = overrides_from(model, model_config, data, data_config, loss)
-    runner = SpectrumRunner(
+    from subspace_cli.analysis import SpectrumAnalysis
+
+    analysis = SpectrumAnalysis(
         settings,
         overrides,
         init_from=init_from,
@@ -253,7 +253,7 @@ def spectrum_command(
     def handle(path: Path) -> None:
         from subspace_cli.output import emit_json
 
-        record = runner.run(path)
+        record = analysis.run(path)
         results.append(record)
         if jsonl:
             emit_json(record, lines=True)
@@ -266,115 +266,6 @@ def spectrum_command(
 
         emit_json(results)
     outcome.exit(ctx)
-
-
-class SpectrumRunner:
-    """Computes checkpoints in order, warm-starting each from the previous one."""
-
-    def __init__(
-        self,
-        settings: Any,
-        overrides: Any,
-        *,
-        init_from: str | None,
-        output: str | None,
-        overwrite: bool,
-        quiet: bool,
-    ) -> None:
-        from subspace_cli.experiment import DataCache
-
-        self.settings = settings
-        self.overrides = overrides
-        self.init_from = init_from
-        self.output = output
-        self.overwrite = overwrite
-        self.quiet = quiet
-        self.data_cache = DataCache()
-        self.previous: tuple[tuple[str, ...], Any, str] | None = None  # names, vectors, path
-        # --hvp-method auto: the method timed on the first checkpoint of a model and data,
-        # reused for the later ones (the probe costs a few HVPs per checkpoint otherwise)
-        self.methods: dict[str, str] = {}
-
-    def run(self, path: Path) -> dict[str, Any]:
-        from subspace_cli import store
-        from subspace_cli.eigensolver import subspace_overlap
-        from subspace_cli.errors import UsageError
-        from subspace_cli.experiment import load_experiment
-        from subspace_cli.output import progress_bar, progress_enabled, say
-        from subspace_cli.spectrum import compute_spectrum, summary, to_stored
-
-        if self.output and not self.overwrite and store.has_group(self.output, path):
-            raise UsageError(
-                f"{self.output} already holds a spectrum of {path}; pass --overwrite to replace it"
-            )
-        experiment = load_experiment(path, self.overrides, data_cache=self.data_cache)
-        init, warm = self._warm_start(experiment)
-        budget = self.settings.max_hvps
-        with progress_bar(f"{path.name}", budget, enabled=progress_enabled(self.quiet)) as bar:
-
-            def progress(hvps: int, residuals: Any) -> None:
-                info = "" if residuals is None else f"max residual {float(residuals.max()):.2e}"
-                bar.update(completed=hvps, info=f"{hvps} HVPs  {info}")
-
-            settings = self.settings
-            key = json.dumps([experiment.spec.model, experiment.spec.model_config,
-                              experiment.spec.data, experiment.spec.data_config], sort_keys=True)
-            if settings.hvp_method == "auto" and key in self.methods:
-                settings = dataclasses.replace(settings, hvp_method=self.methods[key])
-            run = compute_spectrum(
-                experiment, settings, init=init, warm_start=warm, progress=progress
-            )
-            if run.hvp_method:
-                self.methods.setdefault(key, run.hvp_method)
-        vectors = run.result.eigenvectors
-        k = run.result.k
-        if self.previous is not None and self.previous[0] == run.layout.names:
-            run.overlap_with_previous = subspace_overlap(self.previous[1][:k], vectors[:k])
-        self.previous = (run.layout.names, vectors, str(path))
-        record = summary(run, experiment)
-        if self.output:
-            record["group"] = store.write_spectrum(
-                self.output, to_stored(run, experiment), overwrite=self.overwrite
-            )
-            record["output"] = self.output
-        unconverged = len(run.result.converged) - sum(run.result.converged)
-        if unconverged:
-            say(
-                f"warning: {path}: {unconverged} of {len(run.result.converged)} pairs did not "
-                f"reach tol {run.result.tol:g} within {run.result.hvp_count} HVPs "
-                "(raise --max-hvps or --tol)"
-            )
-        return record
-
-    def _warm_start(self, experiment: Any) -> tuple[Any, str | None]:
-        """Start vectors: the previous checkpoint's eigenvectors, else --init-from's."""
-        from subspace_cli import store
-        from subspace_cli.hessian import select_parameters
-
-        names = select_parameters(
-            experiment.model, self.settings.include, self.settings.exclude
-        ).names
-        if self.previous is not None and self.previous[0] == names:
-            return self.previous[1], self.previous[2]
-        if not self.init_from:
-            return None, None
-        import torch
-
-        stored = store.read_spectrum(self.init_from, experiment.checkpoint.path)
-        if stored is None or tuple(stored.param_names) != names:
-            candidates = [
-                s for s in store.iter_spectra(self.init_from) if tuple(s.param_names) == names
-            ]
-            stored = candidates[-1] if candidates else None
-        if stored is None:
-            from subspace_cli.output import say
-
-            say(
-                f"warning: {self.init_from} has no spectrum over the same parameters; "
-                "starting from random vectors"
-            )
-            return None, None
-        return torch.from_numpy(stored.eigenvectors), f"{self.init_from}:{stored.group}"
 
 
 def render(record: dict[str, Any]) -> None:

@@ -1,0 +1,118 @@
+"""``spectrum`` over a sequence of checkpoints: warm starts, overlaps, storage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from subspace_cli.analysis.sequence import CheckpointSequence
+
+if TYPE_CHECKING:
+    from subspace_cli.checkpoint import SpecOverrides
+    from subspace_cli.experiment import Experiment
+    from subspace_cli.settings import SpectrumSettings
+
+
+class SpectrumAnalysis(CheckpointSequence):
+    """Top-k eigenpairs of each checkpoint, warm-started from the previous one (else from
+    ``init_from``'s stored eigenvectors), with the overlap between consecutive subspaces;
+    each result is added to ``output`` as soon as it is computed."""
+
+    def __init__(
+        self,
+        settings: SpectrumSettings,
+        overrides: SpecOverrides,
+        *,
+        init_from: str | None = None,
+        output: str | None = None,
+        overwrite: bool = False,
+        quiet: bool = False,
+    ) -> None:
+        super().__init__(settings, overrides, output=output, overwrite=overwrite, quiet=quiet)
+        self.init_from = init_from
+        # --hvp-method auto: the method chosen on the first checkpoint of a model and data,
+        # reused for the later ones (choosing costs a few HVPs per checkpoint otherwise)
+        self.methods: dict[str, str] = {}
+
+    def run(self, path: Path) -> dict[str, Any]:
+        from subspace_cli import store
+        from subspace_cli.eigensolver import subspace_overlap
+        from subspace_cli.errors import UsageError
+        from subspace_cli.output import say
+        from subspace_cli.spectrum import compute_spectrum, summary, to_stored
+
+        if self.output and not self.overwrite and store.has_group(self.output, path):
+            raise UsageError(
+                f"{self.output} already holds a spectrum of {path}; pass --overwrite to replace it"
+            )
+        experiment = self.load(path)
+        init, warm = self._warm_start(experiment)
+        with self.progress(path.name, self.settings.max_hvps) as bar:
+
+            def progress(hvps: int, residuals: Any) -> None:
+                info = "" if residuals is None else f"max residual {float(residuals.max()):.2e}"
+                bar.update(completed=hvps, info=f"{hvps} HVPs  {info}")
+
+            settings = self.settings
+            key = json.dumps([experiment.spec.model, experiment.spec.model_config,
+                              experiment.spec.data, experiment.spec.data_config], sort_keys=True)
+            if settings.hvp_method == "auto" and key in self.methods:
+                settings = dataclasses.replace(settings, hvp_method=self.methods[key])
+            run = compute_spectrum(
+                experiment, settings, init=init, warm_start=warm, progress=progress
+            )
+            if run.hvp_method:
+                self.methods.setdefault(key, run.hvp_method)
+        vectors = run.result.eigenvectors
+        k = run.result.k
+        previous = self.warm_start_for(run.layout.names)
+        if previous is not None:
+            run.overlap_with_previous = subspace_overlap(previous.vectors[:k], vectors[:k])
+        self.remember(run.layout.names, vectors, path)
+        record = summary(run, experiment)
+        if self.output:
+            record["group"] = store.write_spectrum(
+                self.output, to_stored(run, experiment), overwrite=self.overwrite
+            )
+            record["output"] = self.output
+        unconverged = len(run.result.converged) - sum(run.result.converged)
+        if unconverged:
+            say(
+                f"warning: {path}: {unconverged} of {len(run.result.converged)} pairs did not "
+                f"reach tol {run.result.tol:g} within {run.result.hvp_count} HVPs "
+                "(raise --max-hvps or --tol)"
+            )
+        return record
+
+    def _warm_start(self, experiment: Experiment) -> tuple[Any, str | None]:
+        """Start vectors: the previous checkpoint's eigenvectors, else --init-from's."""
+        from subspace_cli import store
+        from subspace_cli.functional import select_parameters
+
+        names = select_parameters(
+            experiment.model, self.settings.include, self.settings.exclude
+        ).names
+        previous = self.warm_start_for(names)
+        if previous is not None:
+            return previous.vectors, previous.source
+        if not self.init_from:
+            return None, None
+        import torch
+
+        stored = store.read_spectrum(self.init_from, experiment.checkpoint.path)
+        if stored is None or tuple(stored.param_names) != names:
+            candidates = [
+                s for s in store.iter_spectra(self.init_from) if tuple(s.param_names) == names
+            ]
+            stored = candidates[-1] if candidates else None
+        if stored is None:
+            from subspace_cli.output import say
+
+            say(
+                f"warning: {self.init_from} has no spectrum over the same parameters; "
+                "starting from random vectors"
+            )
+            return None, None
+        return torch.from_numpy(stored.eigenvectors), f"{self.init_from}:{stored.group}"

@@ -1,0 +1,228 @@
+"""A ``project-train`` run directory: its layout, starting, resuming and summarising a run.
+
+Layout (all written by this module)::
+
+    RUN_DIR/config.json                  the TrainConfig, the command, the start checkpoint's spec
+    RUN_DIR/run.h5                       the log (``runlog``), appended every --log-every steps
+    RUN_DIR/run.h5.bak                   run.h5 as of the last checkpoint
+    RUN_DIR/step_NNNNNNN.safetensors     weights at step N (a checkpoint any command reads)
+    RUN_DIR/step_NNNNNNN.state.safetensors   optimizer, data order and tracker state at step N
+    RUN_DIR/last.safetensors             the newest weights
+
+A step counts as saved once both of its files exist and read; resuming starts from the newest
+such step, truncates ``run.h5`` to it, and continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+STATE_SUFFIX = ".state.safetensors"
+
+
+def run_path(run_dir: Path, step: int, state: bool = False) -> Path:
+    """The weights (or, with ``state``, the training state) file of ``step``."""
+    return run_dir / (f"step_{step:07d}{STATE_SUFFIX}" if state else f"step_{step:07d}.safetensors")
+
+
+def start(checkpoint: Path, run_dir: Path, overrides: Any, *, steps: int, k: int | None,
+          batch_size: int | None, options: dict[str, Any], quiet: bool) -> dict[str, Any]:
+    """Start a run from ``checkpoint`` in the new (empty or absent) ``run_dir``; ``options``
+    are :class:`~subspace_cli.projected.TrainConfig` fields. Returns :func:`summary`."""
+    import dataclasses
+
+    from subspace_cli.errors import UsageError
+    from subspace_cli.experiment import load_experiment
+    from subspace_cli.projected import TrainConfig
+
+    unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:  # an option of the command that no field takes: our bug, never dropped
+        raise TypeError(f"options without a TrainConfig field: {', '.join(sorted(unknown))}")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UsageError(f"{run_dir} is not empty: choose a new --out, or --resume {run_dir}")
+    experiment = load_experiment(checkpoint, overrides)
+    assert experiment.data is not None
+    config = TrainConfig(
+        checkpoint=str(checkpoint), steps=steps, batch_size=batch_size,
+        k=experiment.data.num_classes if k is None else k, **options,
+    )
+    config.check()
+    if batch_size is not None and batch_size > len(experiment.data):
+        raise UsageError(f"batch size {batch_size} exceeds the {len(experiment.data)} samples")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = experiment.spec
+    stored = {"config": dataclasses.asdict(config), "command": _command(),
+              "spec": dataclasses.asdict(spec), "start_step": spec.step or 0,
+              "start_sha256": experiment.checkpoint.sha256()}
+    (run_dir / "config.json").write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
+    from subspace_cli import runlog
+
+    runlog.create(run_dir / "run.h5", dataclasses.asdict(config), stored["command"])
+    return _drive(run_dir, config, experiment, stored, until=config.steps, resumed=None,
+                  quiet=quiet)
+
+
+def resume(run_dir: Path, steps: int | None, *, quiet: bool) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its newest saved step (to ``steps`` in all when
+    given). Returns :func:`summary`."""
+    import dataclasses
+
+    from subspace_cli import runlog
+    from subspace_cli.checkpoint import SpecOverrides, read_checkpoint
+    from subspace_cli.errors import InputError
+    from subspace_cli.experiment import load_experiment
+    from subspace_cli.projected import RunState, TrainConfig
+
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise InputError(f"{run_dir} has no config.json: not a project-train run directory")
+    stored = json.loads(config_path.read_text())
+    # A run from before the tracker recomputed warm every --refresh-every steps.
+    stored["config"].setdefault("refresh", "warm")
+    # Runs from before this field was dropped (it had no option and was always false).
+    stored["config"].pop("train_mode_hessian", None)
+    config = TrainConfig(**stored["config"])
+    if steps is not None:
+        config = dataclasses.replace(config, steps=steps)
+    latest = latest_complete(run_dir)
+    if latest is None:
+        raise InputError(f"{run_dir} has no complete checkpoint to resume from")
+    weights, state_file = latest
+    spec = stored["spec"]
+    overrides = SpecOverrides(model=spec["model"] if spec["model_from_user"] else None,
+                              data=spec["data"] if spec["data_from_user"] else None)
+    experiment = load_experiment(weights, overrides)
+    state_ckpt = read_checkpoint(state_file)
+    state = RunState.from_json(state_ckpt.metadata["subspace.run_state"])
+    runlog.truncate_for_resume(run_dir / "run.h5", state.step)
+    return _drive(run_dir, config, experiment, stored, until=config.steps,
+                  resumed=(state_ckpt.tensors, state), quiet=quiet)
+
+
+def latest_complete(run_dir: Path) -> tuple[Path, Path] | None:
+    """The newest step whose weights and state files both exist and read."""
+    from subspace_cli.checkpoint import read_checkpoint
+    from subspace_cli.errors import CheckpointError
+
+    candidates = sorted(run_dir.glob(f"step_*{STATE_SUFFIX}"), reverse=True)
+    for state_file in candidates:
+        weights = run_dir / state_file.name.replace(STATE_SUFFIX, ".safetensors")
+        try:
+            read_checkpoint(state_file)
+            read_checkpoint(weights)
+        except CheckpointError:
+            continue
+        return weights, state_file
+    return None
+
+
+def _command() -> str:
+    import shlex
+    import sys
+
+    return shlex.join(["subspace", *sys.argv[1:]])
+
+
+def _drive(run_dir: Path, config: Any, experiment: Any, stored: dict[str, Any], *, until: int,
+           resumed: Any, quiet: bool) -> dict[str, Any]:
+    import math
+
+    from subspace_cli import runlog
+    from subspace_cli.checkpoint import write_checkpoint
+    from subspace_cli.errors import NumericalError
+    from subspace_cli.output import progress_bar, progress_enabled, say
+    from subspace_cli.projected import ProjectedTraining, parameters_tensor_dict
+
+    run_file = run_dir / "run.h5"
+    start_step = int(stored["start_step"])
+    last_saved: list[str] = []
+
+    def on_log(row: Any) -> None:
+        runlog.append(run_file, runlog.LOG, [row])
+
+    def on_refresh(row: Any) -> None:
+        runlog.append(run_file, runlog.REFRESH, [row])
+
+    def on_audit(row: Any) -> None:
+        runlog.append(run_file, runlog.AUDIT, [row])
+
+    def on_save(training: ProjectedTraining) -> None:
+        step = training.state.step
+        meta = experiment.spec.to_metadata(step=start_step + step)
+        meta["subspace.run_step"] = str(step)
+        meta["subspace.run"] = json.dumps({"mode": config.mode, "optimizer": config.optimizer,
+                                           "lr": config.lr, "k": config.k,
+                                           "run_dir": str(run_dir)}, sort_keys=True)
+        state_meta = {"subspace.run_state": training.run_state().to_json(),
+                      "subspace.format_version": "1"}
+        write_checkpoint(run_path(run_dir, step, state=True), training.state_tensors(),
+                         state_meta, overwrite=True)
+        tensors = parameters_tensor_dict(training)
+        write_checkpoint(run_path(run_dir, step), tensors, meta, overwrite=True)
+        write_checkpoint(run_dir / "last.safetensors", tensors, meta, overwrite=True)
+        runlog.backup(run_file)
+        last_saved[:] = [str(run_path(run_dir, step))]
+
+    with progress_bar(f"{config.mode}-{config.optimizer}", until,
+                      enabled=progress_enabled(quiet)) as bar:
+        def progress(training: ProjectedTraining, row: Any) -> None:
+            info = ""
+            if row is not None:
+                info = f"loss {row.train_loss:.4g}"
+                if not math.isnan(row.chi):
+                    info += f"  χ {row.chi:.3f}"
+            if training.state.step and training.hvps:
+                info += f"  {training.hvps / training.state.step:.1f} HVPs/step"
+            bar.update(completed=training.state.step, info=info)
+
+        training = ProjectedTraining(config, experiment, on_log=on_log, on_refresh=on_refresh,
+                                     on_save=on_save, progress=progress, on_audit=on_audit)
+        if resumed is not None:
+            training.load_state(*resumed)
+            bar.update(completed=training.state.step)
+            say(f"resuming {run_dir} at step {training.state.step}")
+        try:
+            training.run(until)
+        except NumericalError as exc:
+            where = last_saved[0] if last_saved else "none was written"
+            raise NumericalError(f"{exc}; the last good checkpoint: {where}") from exc
+        except KeyboardInterrupt:
+            say(f"interrupted at step {training.state.step}; continue with "
+                f"`subspace project-train --resume {run_dir}`")
+            raise
+    return summary(run_dir)
+
+
+def summary(run_dir: Path) -> dict[str, Any]:
+    """The run's summary: ``report``'s row for it (one implementation of every number), with
+    the cost from its newest saved state (exact at the end of a run, whatever --log-every)."""
+    from subspace_cli import report
+
+    row = report.summarize(report.load_run(run_dir))
+    for key in ("notes", "final_loss_vs_none", "compared_at_step"):  # need other runs
+        row.pop(key)
+    return {**row, **cost(run_dir)}
+
+
+def cost(run_dir: Path) -> dict[str, Any]:
+    """Steps, HVPs, refreshes and time of a run as of its newest saved state (audits apart)."""
+    from subspace_cli.checkpoint import read_checkpoint
+    from subspace_cli.projected import RunState
+
+    latest = latest_complete(run_dir)
+    state = RunState.from_json(read_checkpoint(latest[1]).metadata["subspace.run_state"]) if (
+        latest) else RunState()
+    tracker = state.tracker
+    hvps = int(tracker.get("refresh_hvps", 0)) + int(tracker.get("check_hvps", 0))
+    done = state.step
+    return {
+        "steps_done": done,
+        "hvps": hvps,
+        "hvps_per_step": hvps / done if done else None,
+        "refreshes": int(tracker.get("refreshes", 0)),
+        "wall_seconds": round(state.wall_time, 3),
+        "audit_hvps": int(tracker.get("audit_hvps", 0)),
+        "audit_seconds": round(state.audit_seconds, 3),
+    }

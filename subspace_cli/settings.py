@@ -1,0 +1,92 @@
+"""Typed settings and the choices every command and library call shares.
+
+The command layer passes these constants to click, so an option's choices and the library's
+checks are one list. Device names are resolved to a ``torch.device`` once per settings object.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from subspace_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+SOLVERS = ("lanczos", "arpack")
+DTYPES = ("float32", "float64")
+HVP_METHODS = ("auto", "forward", "reverse", "forward-loop", "reverse-loop")
+
+
+@dataclass(frozen=True)
+class SpectrumSettings:
+    """How to compute a spectrum; ``None`` means the solver's default."""
+
+    k: int | None = None
+    extra: int = 0
+    tol: float | None = None
+    max_hvps: int | None = None
+    solver: str = "lanczos"
+    block_size: int | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    chunk_size: int = 1000
+    max_samples: int | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    train_mode: bool = False
+    hvp_method: str = "auto"
+    seed: int = 0
+    graph_memory: int | None = None
+    basis_memory: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise UsageError(f"unknown solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.hvp_method not in HVP_METHODS:
+            raise UsageError(f"unknown HVP method {self.hvp_method!r}: choose one of "
+                             f"{', '.join(HVP_METHODS)}")
+
+    @functools.cached_property
+    def resolved_device(self) -> torch.device:
+        """The device, resolved once (``auto``: CUDA when available)."""
+        return resolve_device(self.device)
+
+    @property
+    def resolved_dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype)
+
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU; an unavailable CUDA device is a usage error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {name} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"device {name} requested but only {torch.cuda.device_count()} CUDA devices exist"
+            )
+    elif device.type != "cpu":
+        raise UsageError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return torch.float64 if name == "float64" else torch.float32
