@@ -13,7 +13,8 @@ from typing import Any
 import click
 
 from subspace_cli import __version__
-from subspace_cli.errors import EXIT_INTERRUPTED, SubspaceError
+from subspace_cli.commands.common import wants_traceback
+from subspace_cli.errors import EXIT_INTERRUPTED, SubspaceError, storage_error
 
 # name -> "module:attribute"; a command appears here only once it does real work.
 COMMANDS: dict[str, str] = {
@@ -38,7 +39,8 @@ go to stderr.
 Exit codes:
   0  success
   1  some of several inputs failed (each failure is reported on stderr)
-  2  bad usage or bad input
+  2  bad usage or bad input, or the environment refused a write
+     (no space left on device, read-only file system, no permission)
   3  internal error (a bug: rerun with --traceback and report it)
   130  interrupted
 """
@@ -83,16 +85,15 @@ class LazyGroup(click.Group):
         except Exception as exc:
             if wants_traceback(ctx):
                 raise
+            refused = storage_error(exc)  # disk full, read-only, no permission: not a bug
+            if refused is not None:
+                click.echo(f"error: {refused}", err=True)
+                ctx.exit(refused.exit_code)
             click.echo(
                 f"internal error: {type(exc).__name__}: {exc} (rerun with --traceback and report it)",
                 err=True,
             )
             ctx.exit(EXIT_INTERNAL)
-
-
-def wants_traceback(ctx: click.Context) -> bool:
-    root = ctx.find_root()
-    return bool((root.obj or {}).get("traceback"))
 
 
 @click.group(

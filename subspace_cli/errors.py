@@ -6,10 +6,14 @@ The command layer turns a :class:`SubspaceError` into one line on stderr and its
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+
 #: Exit codes, documented in ``subspace --help`` and the README.
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # also a refusal by the environment (StorageError): no space, no permission
 EXIT_INTERRUPTED = 130
 
 
@@ -43,3 +47,56 @@ class NumericalError(SubspaceError):
     """A computation that produced non-finite values or cannot be differentiated."""
 
     exit_code = EXIT_SOME_FAILED
+
+
+class StorageError(SubspaceError):
+    """The environment refused a write: no space left, quota exceeded, a read-only file system
+    or no permission. Not a bug; reported as one line with exit code 2."""
+
+
+#: errno values that mean "the environment refused", not "the tool is wrong".
+STORAGE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+)
+
+
+def storage_errno(exc: BaseException) -> int | None:
+    """The errno of an environment refusal behind ``exc``, or ``None``.
+
+    Plain ``OSError`` carries it in ``errno``; h5py's ``OSError`` usually does too, and otherwise
+    names it in HDF5's message (``errno = 28``). Explicit causes (``raise ... from``) are searched
+    too, never the exceptions merely being handled, so a bug during cleanup stays a bug.
+    """
+    current: BaseException | None = exc
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            if current.errno in STORAGE_ERRNOS:
+                return int(current.errno)
+            found = re.search(r"errno = (\d+)", str(current))
+            if found and int(found.group(1)) in STORAGE_ERRNOS:
+                return int(found.group(1))
+        current = current.__cause__
+    return None
+
+
+def storage_error(
+    exc: BaseException, path: os.PathLike[str] | str | None = None, action: str | None = None
+) -> StorageError | None:
+    """A one-line :class:`StorageError` for an environment refusal behind ``exc``, else ``None``.
+
+    The line names ``path`` (default: the exception's file name) and the cause, e.g. ``cannot
+    write spectra.h5: no space left on device (ENOSPC)`` when ``action`` is ``"write"``.
+    """
+    code = storage_errno(exc)
+    if code is None:
+        return None
+    if path is None:
+        path = getattr(exc, "filename", None)
+    cause = os.strerror(code)
+    cause = f"{cause[:1].lower()}{cause[1:]} ({errno.errorcode.get(code, code)})"
+    if path is None:
+        return StorageError(cause if action is None else f"cannot {action}: {cause}")
+    where = os.fspath(path)
+    return StorageError(f"{where}: {cause}" if action is None else f"cannot {action} {where}: {cause}")

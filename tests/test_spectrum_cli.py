@@ -137,7 +137,11 @@ def test_interrupted_write_leaves_file_intact(tmp_path, monkeypatch):
     result = run("spectrum", str(other), "-k", "2", "-o", str(out))
     assert result.exit_code == 130
     assert out.read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["c.safetensors", "d.safetensors", "spectra.h5"]
+    assert sorted(os.listdir(tmp_path)) == ["c.safetensors", "d.safetensors", "spectra.h5",
+                                            "spectra.h5.d"]
+    # the index's one group file and the writer lock; the interrupted group's temporary is gone
+    [group_file] = [n for n in os.listdir(tmp_path / "spectra.h5.d") if n != ".lock"]
+    assert group_file.endswith(".h5") and not group_file.startswith(".")
     assert [s.checkpoint for s in store.iter_spectra(out)] == [str(path)]
 
 
