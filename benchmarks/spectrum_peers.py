@@ -519,7 +519,8 @@ def machine_summary(threads: int) -> list[str]:
     # The library is under development: name the exact sources that were measured.
     sources = ", ".join(
         f"{name} {hashlib.sha256((ROOT / 'subspace_cli' / name).read_bytes()).hexdigest()[:12]}"
-        for name in ("eigensolver.py", "lanczos.py", "hessian.py", "spectrum.py")
+        for name in ("eigensolver.py", "lanczos.py", "hessian.py", "hvp.py", "operator.py",
+                     "functional.py", "spectrum.py")
     )
     return [
         f"# machine: {model}, {os.cpu_count()} logical cores, torch {torch.__version__},"
