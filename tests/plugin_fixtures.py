@@ -40,21 +40,30 @@ toy = fakeplug_mod:toy
 """
 
 
-@pytest.fixture
-def fake_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A distribution "fakeplug" registering models tiny and broken, and data toy."""
-    root = tmp_path / "site"
+def write_fake_plugin(root: Path) -> Path:
+    """Write the distribution "fakeplug" (models tiny and broken, data toy) under ``root``."""
     info = root / "fakeplug-1.0.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeplug\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text(textwrap.dedent(ENTRY_POINTS))
     (root / "fakeplug_mod.py").write_text(PLUGIN_MODULE)
     (root / "fakeplug_broken.py").write_text(BROKEN_MODULE)
+    return root
+
+
+def forget_fake_plugin() -> None:
+    for name in ("fakeplug_mod", "fakeplug_broken"):
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def fake_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A distribution "fakeplug" registering models tiny and broken, and data toy."""
+    root = write_fake_plugin(tmp_path / "site")
     monkeypatch.syspath_prepend(str(root))
     importlib.invalidate_caches()
     yield root
-    for name in ("fakeplug_mod", "fakeplug_broken"):
-        sys.modules.pop(name, None)
+    forget_fake_plugin()
 
 
 # The fake plugin's linear model on its toy data: with the mse loss the training loss is

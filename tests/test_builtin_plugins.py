@@ -224,6 +224,7 @@ def test_mnist1d_is_deterministic_and_leaks_no_global_rng_state() -> None:
     assert not torch.equal(first.x, other_seed.x)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_mnist1d_5k_uses_6250_generated_samples(monkeypatch: pytest.MonkeyPatch) -> None:
     import mnist1d.data as generator
 

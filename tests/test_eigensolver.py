@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from tiny_models import CASES, case_hessian, single_thread  # noqa: F401
+from tiny_models import CASES, case_hessian
 
 from subspace_cli.eigensolver import (
     EigenResult,

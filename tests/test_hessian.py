@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import (  # noqa: F401
+from tiny_models import (
     CASES,
     TinyBatchNormNet,
     case_hessian,
     dense_hessian,
     make_data,
-    single_thread,
 )
 
 from subspace_cli.data import TrainingData

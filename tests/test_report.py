@@ -28,19 +28,28 @@ def train(workdir: Path, start: Path, name: str, *args: str) -> Path:
     return out
 
 
-@pytest.fixture
-def runs(tmp_path, fake_plugin):  # noqa: F811
-    start = tmp_path / "start.safetensors"
+@pytest.fixture(scope="module")
+def made_runs(tmp_path_factory, module_plugin):
+    """The four runs that the report tests read, trained once for the module."""
+    workdir = tmp_path_factory.mktemp("report-runs")
+    start = workdir / "start.safetensors"
     linear_checkpoint(start, 0, step=100)
-    other = tmp_path / "other.safetensors"
+    other = workdir / "other.safetensors"
     linear_checkpoint(other, 1, step=50)
-    made = {
-        "none": train(tmp_path, start, "none", "--mode", "none"),
-        "dom": train(tmp_path, start, "dom", "--mode", "dom", "--start-step", "3"),
-        "bulk": train(tmp_path, start, "bulk", "--mode", "bulk", "--audit-every", "2"),
-        "other": train(tmp_path, other, "other", "--mode", "bulk", "--lr", "0.05"),
+    return {
+        "none": train(workdir, start, "none", "--mode", "none"),
+        "dom": train(workdir, start, "dom", "--mode", "dom", "--start-step", "3"),
+        "bulk": train(workdir, start, "bulk", "--mode", "bulk", "--audit-every", "2"),
+        "other": train(workdir, other, "other", "--mode", "bulk", "--lr", "0.05"),
     }
-    return made
+
+
+@pytest.fixture
+def runs(made_runs, tmp_path):
+    """A copy of the module's runs in the test's own directory: a test may change its runs
+    (config.json, run.h5) without the others seeing it. The start checkpoints they name stay
+    where the module's runs were trained."""
+    return {name: shutil.copytree(path, tmp_path / name) for name, path in made_runs.items()}
 
 
 def report(*args: str):
@@ -122,6 +131,7 @@ def test_table_markdown_and_csv_carry_the_same_numbers(runs):
     assert f"{bulk['audit_overlap_min']:.6f}" in table and "audit min" in table
 
 
+@pytest.mark.slow
 def test_plots_and_files_written(runs, tmp_path):
     out = tmp_path / "report"
     result = report(runs["none"], runs["dom"], runs["bulk"], runs["other"], "-o", out)

@@ -10,7 +10,6 @@ import functools
 import math
 from collections.abc import Callable
 
-import pytest
 import torch
 from torch import nn
 
@@ -210,13 +209,3 @@ def case_hessian(case_id: str) -> torch.Tensor:
     """Dense Hessian of a case in :data:`CASES`, computed once per test session."""
     model_factory, data_factory, loss = CASES[case_id]
     return dense_hessian(model_factory(), data_factory(), loss)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread. OpenMP threads that spin-wait on a busy 2-core
-    machine made these tests up to 100 times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
