@@ -1,5 +1,6 @@
-# Setup, demo and tests on a fresh machine. CPU setup installs torch 2.13.0 first so that
-# pyproject's torch range is already met (an unpinned torch pulls a multi-GB CUDA build).
+# Setup, demo and tests on a fresh machine. CPU setup pins torch 2.13.0 (the CPU wheel on local
+# disk) in the same pip call as the project, so pyproject's torch range is met by it (an
+# unpinned torch pulls a multi-GB CUDA build); one resolution instead of two.
 # The two editable builds use the venv's setuptools (the build requirement of both
 # pyproject.toml files, and a dependency of torch anyway) instead of a fresh isolated build
 # environment each, which took longer than the builds: a new build requirement has to be added
@@ -17,8 +18,8 @@ SAMPLE := sample_checkpoints/mlp_mnist1d.safetensors
 $(STAMP): pyproject.toml plugins/pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 'setuptools>=77'
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q --no-build-isolation -e '.[dev]' -e './plugins[datasets]'
+	$(BIN)/python -m pip install -q --no-build-isolation torch==2.13.0 -e '.[dev]' \
+		-e './plugins[datasets]'
 	touch $(STAMP)
 
 install: $(STAMP)
