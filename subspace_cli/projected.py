@@ -87,6 +87,12 @@ class TrainConfig:
     hvp_method: str = "auto"
 
     def check(self) -> None:
+        """Refuse what cannot start a run, before anything is built or written."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"--{f.name.replace('_', '-')} must be a finite number, "
+                                 f"got {value}")
         if self.mode not in MODES:
             raise UsageError(f"unknown mode {self.mode!r}: choose one of {', '.join(MODES)}")
         if self.optimizer not in OPTIMIZERS:

@@ -51,6 +51,9 @@ def start(checkpoint: Path, run_dir: Path, overrides: Any, *, steps: int, k: int
     config.check()
     if batch_size is not None and batch_size > len(experiment.data):
         raise UsageError(f"batch size {batch_size} exceeds the {len(experiment.data)} samples")
+    n_params = sum(p.numel() for p in experiment.model.parameters())
+    if config.k > n_params:  # checked again by the trainer; here before anything is written
+        raise UsageError(f"k = {config.k} exceeds the model's {n_params} parameters")
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = experiment.spec
     stored = {"config": dataclasses.asdict(config), "command": _command(),

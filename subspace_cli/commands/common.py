@@ -22,6 +22,22 @@ HVP_METHOD_HELP = (
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
+class Finite(click.FloatRange):
+    """A float that must be finite (click's FloatRange lets NaN through every bound, since NaN
+    compares false), within the optional range."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        import math
+
+        number = super().convert(value, param, ctx)
+        if number is not None and not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 class ByteSize(click.ParamType):
     """A memory size: bytes, or a number with K, M, G or T (powers of 1024), e.g. ``512M``;
     ``auto`` gives None (the default)."""

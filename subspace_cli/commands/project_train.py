@@ -9,6 +9,7 @@ import click
 
 from subspace_cli.commands.common import (
     HVP_METHOD_HELP,
+    Finite,
     examples,
     is_quiet,
     output_options,
@@ -49,7 +50,7 @@ def batch_size_type(value: str) -> int | None:
               help="Keep Δθ (none), P_kΔθ (dom), (I−P_k)Δθ (bulk) or a·P_kΔθ + b·(I−P_k)Δθ (mix).")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS),
               default="sgd", show_default=True, help="Base optimizer whose update is projected.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.01,
+@click.option("--lr", type=Finite(min=0, min_open=True), default=0.01,
               show_default=True, help="Learning rate η.")
 @click.option("--batch-size", default="50", show_default=True, metavar="N|full",
               help="Mini-batch size, or 'full' for full-batch gradient descent.")
@@ -61,18 +62,18 @@ def batch_size_type(value: str) -> int | None:
               help="Run directory (created; must be empty or absent).")
 @click.option("--resume", type=click.Path(file_okay=False, exists=True), default=None,
               help="Continue the run in this directory from its last checkpoint.")
-@click.option("--momentum", type=float, default=0.9, show_default=True,
+@click.option("--momentum", type=Finite(), default=0.9, show_default=True,
               help="Momentum μ (momentum, nesterov).")
-@click.option("--beta1", type=float, default=0.9, show_default=True, help="Adam β1.")
-@click.option("--beta2", type=float, default=0.999, show_default=True, help="Adam β2.")
-@click.option("--eps", type=float, default=1e-8, show_default=True, help="Adam ε.")
-@click.option("--rho", type=float, default=0.05, show_default=True, help="SAM radius ρ.")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True,
+@click.option("--beta1", type=Finite(), default=0.9, show_default=True, help="Adam β1.")
+@click.option("--beta2", type=Finite(), default=0.999, show_default=True, help="Adam β2.")
+@click.option("--eps", type=Finite(), default=1e-8, show_default=True, help="Adam ε.")
+@click.option("--rho", type=Finite(), default=0.05, show_default=True, help="SAM radius ρ.")
+@click.option("--weight-decay", type=Finite(), default=0.0, show_default=True,
               help="L2 weight decay added to the gradient.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the mini-batch order and the solver's start.")
-@click.option("--dom-scale", type=float, default=1.0, show_default=True, help="a of --mode mix.")
-@click.option("--bulk-scale", type=float, default=1.0, show_default=True, help="b of --mode mix.")
+@click.option("--dom-scale", type=Finite(), default=1.0, show_default=True, help="a of --mode mix.")
+@click.option("--bulk-scale", type=Finite(), default=1.0, show_default=True, help="b of --mode mix.")
 @click.option("--project-state", is_flag=True,
               help="Also project momentum buffers and Adam's first moment (default: unprojected, "
                    "as in the paper's code).")
@@ -83,7 +84,7 @@ def batch_size_type(value: str) -> int | None:
                    "paper's recipe) [default: track; warm when --refresh-every is given].")
 @click.option("--refresh-every", type=click.IntRange(min=1), default=None,
               help="With --refresh warm or cold: recompute every N steps [default: 1].")
-@click.option("--subspace-tol", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+@click.option("--subspace-tol", type=Finite(0, 1, min_open=True, max_open=True),
               default=1e-3, show_default=True,
               help="--refresh track: the target on 1 − overlap(subspace in use, exact top-k) at "
                    "every step.")
@@ -98,12 +99,12 @@ def batch_size_type(value: str) -> int | None:
               help="Every M steps, compute the exact top-k subspace by a cold solve at "
                    "--audit-tol and log its overlap with the subspace in use (0: never). Its "
                    "HVPs are counted apart from the run's.")
-@click.option("--audit-tol", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--audit-tol", type=Finite(min=0, min_open=True), default=None,
               help="Residual tolerance of the audit's solve [default: 1e-6 float32, 1e-10 "
                    "float64].")
 @click.option("--start-step", type=click.IntRange(min=0), default=0, show_default=True,
               help="Train unprojected until this step.")
-@click.option("--start-when-aligned", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+@click.option("--start-when-aligned", type=Finite(0, 1, min_open=True, max_open=True),
               default=None,
               help="Switch to projection when the EMA (factor 0.9) of χ_k of the full-batch "
                    "gradient first exceeds this threshold.")
@@ -111,7 +112,7 @@ def batch_size_type(value: str) -> int | None:
               help="Append a row to run.h5 every N steps.")
 @click.option("--save-every", type=click.IntRange(min=1), default=100, show_default=True,
               help="Write a checkpoint every N steps (and at the end).")
-@click.option("--tol", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--tol", type=Finite(min=0, min_open=True), default=None,
               help="Eigensolver residual tolerance [default: 1e-4 float32, 1e-8 float64].")
 @click.option("--max-hvps", type=click.IntRange(min=1), default=None,
               help="HVP budget per subspace refresh.")

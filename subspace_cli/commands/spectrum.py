@@ -10,6 +10,7 @@ import click
 from subspace_cli.commands.common import (
     HVP_METHOD_HELP,
     ByteSize,
+    Finite,
     examples,
     for_each_input,
     is_quiet,
@@ -39,7 +40,7 @@ def spectrum_options(f: Any) -> Any:
         ),
         click.option(
             "--tol",
-            type=click.FloatRange(min=0, min_open=True),
+            type=Finite(min=0, min_open=True),
             default=None,
             help="Relative residual ‖Hv−λv‖/|λ| every pair must reach "
             "[default: 1e-4 for float32, 1e-8 for float64].",
