@@ -16,7 +16,7 @@ from subspace_cli.checkpoint import (
     resolve_spec,
 )
 from subspace_cli.data import TrainingData
-from subspace_cli.errors import PluginError
+from subspace_cli.errors import PluginError, SubspaceError
 from subspace_cli.plugins import resolve_factory
 
 if TYPE_CHECKING:
@@ -48,6 +48,13 @@ def _call_factory(kind: str, name: str, factory: Any, config: dict[str, Any]) ->
         ) from exc
     except ImportError as exc:
         raise PluginError(f'{kind} plugin "{name}": {exc}') from exc
+    except SubspaceError:
+        raise
+    except (Exception, SystemExit) as exc:  # the plugin's failure, never an internal error of ours
+        raise PluginError(
+            f'{kind} plugin "{name}" failed with config {json.dumps(config, sort_keys=True)}: '
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
 
 
 class DataCache:

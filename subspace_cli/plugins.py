@@ -93,7 +93,8 @@ def load_plugin(info: PluginInfo) -> Callable[..., Any]:
     """Import a registered plugin's factory, turning any failure into one PluginError."""
     try:
         factory = info.entry_point.load()
-    except Exception as exc:  # a broken plugin must not crash unrelated commands
+    except (Exception, SystemExit) as exc:  # a broken plugin must not crash unrelated commands
+        # (SystemExit: a module that calls sys.exit at import would end the whole tool)
         raise PluginError(
             f'failed to load plugin "{info.distribution}[{info.name}]" '
             f"({info.group} = {info.value}): {type(exc).__name__}: {exc}"
@@ -128,7 +129,7 @@ def import_from_spec(spec: str) -> Callable[..., Any]:
                 f"installed: {exc}"
             ) from exc
         raise PluginError(f'could not import module "{module_name}" (from "{spec}")') from exc
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise PluginError(
             f'importing "{module_name}" (from "{spec}") failed: {type(exc).__name__}: {exc}'
         ) from exc

@@ -59,3 +59,60 @@ def test_spectrum_refuses_a_nan_tolerance(tmp_path):
                      "-o", str(tmp_path / "s.h5"))
     assert result.exit_code == 2 and "finite" in result.stderr
     assert not (tmp_path / "s.h5").exists()
+
+
+HOSTILE_MODULE = """
+import sys
+sys.exit(3)
+"""
+
+FAILING_MODULE = """
+def model(input_dim=3, num_classes=2):
+    raise RuntimeError("weights server unreachable")
+"""
+
+
+@pytest.fixture
+def hostile_plugins(tmp_path, monkeypatch):
+    """A distribution whose one model module calls sys.exit at import and whose other
+    model's factory raises RuntimeError."""
+    import importlib
+    import sys
+
+    root = tmp_path / "hostile-site"
+    info = root / "hostileplug-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hostileplug\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[subspace.models]\nexiting = hostile_exit:factory\nfailing = hostile_fail:model\n")
+    (root / "hostile_exit.py").write_text(HOSTILE_MODULE)
+    (root / "hostile_fail.py").write_text(FAILING_MODULE)
+    monkeypatch.syspath_prepend(str(root))
+    importlib.invalidate_caches()
+    yield root
+    for name in ("hostile_exit", "hostile_fail"):
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.usefixtures("hostile_plugins")
+def test_a_plugin_calling_sys_exit_at_import_is_named_and_the_rest_still_work():
+    import json
+
+    result = run_cli("plugins", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    assert rows["exiting"]["loads"] is False
+    assert "SystemExit" in rows["exiting"]["error"] and "hostileplug" in rows["exiting"]["error"]
+    assert rows["failing"]["loads"] is True
+    assert rows["mlp"]["loads"] is True  # the built-in plugins are still listed and load
+
+
+@pytest.mark.usefixtures("hostile_plugins")
+def test_a_plugin_factory_raising_is_the_plugins_failure_not_ours(tmp_path):
+    sample = Path(__file__).parents[1] / "sample_checkpoints" / "mlp_mnist1d.safetensors"
+    for model, words in (("failing", "RuntimeError: weights server unreachable"),
+                         ("exiting", "SystemExit")):
+        result = run_cli("inspect", str(sample), "--model", model, "--model-config", "{}")
+        assert result.exit_code == 2, result.stderr
+        assert words in result.stderr and model in result.stderr
+        assert "internal error" not in result.stderr
