@@ -2,12 +2,71 @@
 
 from __future__ import annotations
 
+import fnmatch
 import glob
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 GLOB_CHARS = set("*?[")
+
+
+def _walk(root: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """``os.walk`` that follows symlinked directories but enters each directory (by device and
+    inode) once, so a symlink loop cannot make a search endless; sorted, deterministic."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        yield Path(dirpath), dirnames, sorted(filenames)
+
+
+def find_files(root: Path, pattern: str) -> list[Path]:
+    """Files below ``root`` whose name matches ``pattern``, sorted (loop-safe)."""
+    return sorted(directory / name for directory, _, names in _walk(root) for name in names
+                  if fnmatch.fnmatchcase(name, pattern) and (directory / name).is_file())
+
+
+def _match(parts: Sequence[str], names: Sequence[str]) -> bool:
+    """Glob semantics on path segments: ``**`` is zero or more directories; names starting
+    with a dot match only a pattern that starts with one."""
+    if not parts:
+        return not names
+    if parts[0] == "**":
+        return any(_match(parts[1:], names[i:]) for i in range(len(names) + 1)
+                   if not any(n.startswith(".") for n in names[:i]))
+    if not names or (names[0].startswith(".") and not parts[0].startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(names[0], parts[0]) and _match(parts[1:], names[1:])
+
+
+def glob_paths(pattern: str) -> list[Path]:
+    """``glob.glob(pattern, recursive=True)``, sorted, but a ``**`` pattern walks the tree
+    loop-safely (``glob`` follows a symlink loop forever)."""
+    if "**" not in pattern:
+        return sorted(Path(m) for m in glob.glob(pattern, recursive=True))
+    parts = Path(pattern).parts
+    first = next(i for i, part in enumerate(parts) if GLOB_CHARS & set(part))
+    base = Path(*parts[:first]) if first else Path(".")
+    rest = parts[first:]
+    if not base.is_dir():
+        return []
+    found = []
+    for directory, dirnames, filenames in _walk(base):
+        for name in [*dirnames, *filenames]:
+            path = directory / name
+            if _match(rest, path.relative_to(base).parts):
+                found.append(path if first else Path(os.path.relpath(path)))
+    return sorted(set(found))
 
 
 @dataclass(frozen=True)
@@ -39,14 +98,14 @@ def expand_inputs(args: Sequence[str], pattern: str = "*.safetensors") -> list[I
     for arg in args:
         path = Path(arg)
         if path.is_dir():
-            matches = sorted(p for p in path.rglob(pattern) if p.is_file())
+            matches = find_files(path, pattern)
             if not matches:
                 out.append(Input(arg, None, f"no {pattern} files under directory {arg}"))
             add(arg, matches)
         elif path.exists():
             add(arg, [path])
         elif GLOB_CHARS & set(arg):
-            matches = sorted(Path(m) for m in glob.glob(arg, recursive=True) if Path(m).is_file())
+            matches = [m for m in glob_paths(arg) if m.is_file()]
             if not matches:
                 out.append(Input(arg, None, f"pattern {arg} matched no files"))
             add(arg, matches)

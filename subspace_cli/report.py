@@ -10,7 +10,6 @@ note says so.
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from subspace_cli.errors import InputError
-from subspace_cli.inputs import GLOB_CHARS, Input
+from subspace_cli.inputs import GLOB_CHARS, Input, find_files, glob_paths
 
 MODE_ORDER = {"none": 0, "dom": 1, "bulk": 2, "mix": 3}
 OPTIMIZER_NAMES = {"sgd": "SGD", "momentum": "SGD+M", "nesterov": "Nesterov", "adam": "Adam",
@@ -103,7 +102,7 @@ def classify(path: Path) -> list[Path]:
         if (path / "run.h5").exists():
             return [path]
         found: list[Path] = []
-        for candidate in sorted(path.rglob("*.h5")):
+        for candidate in find_files(path, "*.h5"):
             if candidate.name == "run.h5":
                 found.append(candidate.parent)
             elif _h5_format(candidate) == "subspace-spectra":
@@ -131,7 +130,7 @@ def expand(args: Sequence[str]) -> list[Input]:
     for arg in args:
         paths = [Path(arg)]
         if not Path(arg).exists() and GLOB_CHARS & set(arg):
-            paths = [Path(m) for m in sorted(glob.glob(arg, recursive=True))]
+            paths = glob_paths(arg)
             if not paths:
                 out.append(Input(arg, None, f"pattern {arg} matched nothing"))
                 continue

@@ -116,3 +116,54 @@ def test_a_plugin_factory_raising_is_the_plugins_failure_not_ours(tmp_path):
         assert result.exit_code == 2, result.stderr
         assert words in result.stderr and model in result.stderr
         assert "internal error" not in result.stderr
+
+
+def _finishes(function, seconds=20.0):
+    import threading
+
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(function()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), "the search did not finish (a symlink loop?)"
+    return result[0]
+
+
+def test_a_recursive_glob_over_symlink_loops_finishes(tmp_path, monkeypatch):
+    from subspace_cli.inputs import expand_inputs
+
+    tree = tmp_path / "L"
+    (tree / "a" / "b").mkdir(parents=True)
+    for name in ("top.safetensors", "a/one.safetensors", "a/b/two.safetensors",
+                 "a/b/other.txt", ".hidden.safetensors"):
+        (tree / name).write_bytes(b"x")
+    (tree / "a" / "b" / "back").symlink_to(tree, target_is_directory=True)  # a loop
+    (tree / "self").symlink_to(".", target_is_directory=True)  # another
+    monkeypatch.chdir(tmp_path)
+    expected = ["L/a/b/two.safetensors", "L/a/one.safetensors", "L/top.safetensors"]
+    # a glob skips hidden names, as glob does; a directory search takes them, as before
+    for arg, want in (("L/**/*.safetensors", expected),
+                      ("L", ["L/.hidden.safetensors", *expected]),
+                      (str(tree), ["L/.hidden.safetensors", *expected])):
+        inputs = _finishes(lambda arg=arg: expand_inputs([arg]))
+        found = sorted(str(i.path.resolve().relative_to(tmp_path)) for i in inputs)
+        assert found == want, arg
+    inputs = _finishes(lambda: expand_inputs(["L/a/**/t*.safetensors"]))
+    # L is reached once through the link (each directory is entered once), then never again
+    assert [str(i.path) for i in inputs] == ["L/a/b/back/top.safetensors",
+                                             "L/a/b/two.safetensors"]
+
+
+def test_the_loop_safe_glob_agrees_with_glob_on_a_plain_tree(tmp_path, monkeypatch):
+    import glob
+
+    from subspace_cli.inputs import glob_paths
+
+    for name in ("r/x.h5", "r/s/y.h5", "r/s/t/z.h5", "r/s/t/z.txt", "r/.d/w.h5"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    for pattern in ("r/**/*.h5", "r/**", "**/*.h5", "r/s/**/z.*", "r/*/*.h5", "r/**/t"):
+        ours = [str(p) for p in glob_paths(pattern)]
+        theirs = sorted(str(p).rstrip("/") for p in glob.glob(pattern, recursive=True))
+        assert ours == [p for p in theirs if p != pattern.partition("/**")[0]], pattern
