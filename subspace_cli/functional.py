@@ -8,6 +8,7 @@ the model (its parameters, buffers and train/eval flags are left as they were).
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -170,8 +171,7 @@ class FunctionalModel:
 
     def refreshed(self) -> FunctionalModel:
         """The same functional model with the model's current buffers."""
-        other = object.__new__(FunctionalModel)
-        other.__dict__.update(self.__dict__)
+        other = copy.copy(self)
         other.buffers = self.model_buffers()
         return other
 

@@ -65,7 +65,7 @@ def glob_paths(pattern: str) -> list[Path]:
         for name in [*dirnames, *filenames]:
             path = directory / name
             if _match(rest, path.relative_to(base).parts):
-                found.append(path if first else Path(os.path.relpath(path)))
+                found.append(path)
     return sorted(set(found))
 
 

@@ -17,13 +17,13 @@ links to its groups, so it is not copied either.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
 import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -512,13 +512,12 @@ class _Update:
             # no hard links here (e.g. FAT, some network and FUSE file systems): one copy, once
             tmp = self._temporary()
             shutil.copyfile(self.real, tmp)
-            _sync_file(tmp)
+            _fsync(tmp, required=True)
             self.pending.append((tmp, final))
         return self._link_name(final)
 
     def _temporary(self) -> str:
-        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=self.directory)
-        os.close(fd)
+        tmp = temporary_sibling(self.directory / "group")  # ".group.*.tmp" in the directory
         self.temporaries.append(tmp)
         return tmp
 
@@ -561,10 +560,10 @@ class _Update:
             publish(tmp, final)
             self.created.append(final)
         if self.created:
-            _fsync_dir(self.directory)
+            _fsync(self.directory)
         publish(index, self.real)
         self.published = True
-        _fsync_dir(self.real.parent)
+        _fsync(self.real.parent)
         self._remove_unreferenced()
 
     def _remove_unreferenced(self) -> None:
@@ -578,10 +577,8 @@ class _Update:
             parts = Path(filename).parts
             if len(parts) != 2 or not parts[0].endswith(SIDECAR_SUFFIX) or Path(filename).is_absolute():
                 continue
-            try:
-                os.unlink(self.real.parent / filename)
-            except OSError:
-                pass  # already gone, or not ours to remove: the index no longer needs it
+            # already gone, or not ours to remove: the index no longer needs it either way
+            _unlink_quietly(str(self.real.parent / filename))
 
     def clean_up(self) -> None:
         for tmp in self.temporaries:
@@ -612,10 +609,8 @@ def _remove_stale_temporaries(real: Path) -> None:
 
 
 def _unlink_quietly(path: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(path)
-    except OSError:
-        pass
 
 
 @contextmanager
@@ -662,23 +657,15 @@ def _write_file(path: str, data: memoryview) -> None:
         os.fsync(fh.fileno())
 
 
-def _sync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames in ``path`` durable; a no-op where directories cannot be synced."""
+def _fsync(path: str | Path, *, required: bool = False) -> None:
+    """Sync a file, or a directory so that renames in it are durable; unless ``required``, a
+    no-op where that cannot be done (directories on some file systems)."""
     try:
         fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        if required:
+            raise

@@ -314,7 +314,7 @@ def test_a_write_interrupted_at_every_step_loses_nothing(tmp_path, monkeypatch):
     removal of a replaced file): the earlier groups always read back unchanged, the new group is
     there entirely or not at all, and no temporary stays."""
     monkeypatch.chdir(tmp_path)
-    real = {name: getattr(store, name) for name in ("publish", "_write_file", "_fsync_dir")}
+    real = {name: getattr(store, name) for name in ("publish", "_write_file", "_fsync")}
     real_link, real_unlink = os.link, os.unlink
     for scenario in ("append", "overwrite", "legacy"):
         step = 0
