@@ -21,12 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from subspace_cli.errors import CheckpointError, UsageError
+from subspace_cli.errors import CheckpointError, UsageError, storage_error
+from subspace_cli.limits import BuildLimits
 from subspace_cli.losses import check_loss
 
 if TYPE_CHECKING:
@@ -86,18 +88,69 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     return Checkpoint(p, tensors, metadata)
 
 
-def _read_torch_state_dict(p: Path) -> dict[str, torch.Tensor]:
+def read_header(path: str | os.PathLike[str]) -> Checkpoint:
+    """A checkpoint's metadata, with its tensors' names and shapes but not their data.
+
+    The tensors are empty stand-ins on the ``meta`` device (``.shape`` and ``.dtype`` are
+    right): enough to check a model against the file before any tensor is read. ``.pt`` files
+    are memory-mapped where their format allows, so that too reads no tensor data.
+    """
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such file")
+    if p.suffix.lower() in TORCH_SUFFIXES:
+        tensors = _read_torch_state_dict(p, mmap=True)
+        return Checkpoint(p, {k: torch.empty(v.shape, dtype=v.dtype, device="meta")
+                              for k, v in tensors.items()}, {})
+    if p.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return read_checkpoint(p)  # the unsupported-suffix error
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            shapes = {name: (f.get_slice(name).get_shape(), f.get_slice(name).get_dtype())
+                      for name in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for malformed headers
+        raise CheckpointError(f"{p}: not a readable safetensors file ({exc})") from exc
+    _check_format_version(p, metadata)
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+    return Checkpoint(p, {name: torch.empty(shape, dtype=dtypes.get(dtype, torch.uint8),
+                                            device="meta")
+                          for name, (shape, dtype) in shapes.items()}, metadata)
+
+
+def _read_torch_state_dict(p: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
     import pickle
 
     import torch
 
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            # a file in the legacy (non-zip) format cannot be memory-mapped: read it whole
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        with open(p, "rb") as fh:
+            head = fh.read(4)
+        if not (head.startswith(b"\x80") or head == b"PK\x03\x04"):
+            # neither a pickle (PROTO opcode) nor torch's zip archive: random bytes, another
+            # format; saying it "holds Python objects" would send the user the wrong way
+            raise CheckpointError(
+                f"{p}: not a readable torch file (neither a torch zip archive nor a pickle)"
+            ) from exc
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         raise CheckpointError(
-            f"{p}: refused to unpickle: the file holds Python objects besides tensors, and "
-            f"subspace loads .pt files only with weights_only=True ({first})"
+            f"{p}: refused to unpickle: the file holds Python objects besides tensors"
+            + (f" ({found.group(1)})" if found else "")
+            + ", and subspace loads .pt files only with weights_only=True"
         ) from exc
     except Exception as exc:
         raise CheckpointError(
@@ -118,10 +171,10 @@ def _check_format_version(p: Path, metadata: dict[str, str]) -> None:
     version = metadata.get(KEY_FORMAT)
     if version is None:
         return
-    try:
-        major = int(version.split(".")[0])
-    except ValueError as exc:
-        raise CheckpointError(f"{p}: malformed {KEY_FORMAT} {version!r}") from exc
+    if not re.fullmatch(r"[1-9][0-9]{0,8}(\.[0-9]{1,9})*", version):
+        raise CheckpointError(f"{p}: malformed {KEY_FORMAT} {version!r} (expected a version "
+                              f"such as {FORMAT_VERSION!r})")
+    major = int(version.split(".")[0])
     if major > int(FORMAT_VERSION):
         raise CheckpointError(
             f"{p}: checkpoint format {version} is newer than this subspace understands "
@@ -165,7 +218,15 @@ def write_checkpoint(
     payload = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     tmp = temporary_sibling(p)
     try:
-        save_file(payload, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        try:
+            save_file(payload, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        except Exception as exc:  # safetensors' own error type, naming the OS error
+            found = re.search(r"os error (\d+)", str(exc))
+            if found is None:
+                raise
+            code = int(found.group(1))
+            error = OSError(code, os.strerror(code), str(p))
+            raise storage_error(error, p, "write") or error from exc
         publish(tmp, p)
     finally:
         if os.path.exists(tmp):
@@ -174,18 +235,29 @@ def write_checkpoint(
 
 
 def temporary_sibling(path: Path) -> str:
-    """A new empty file beside ``path``, to write and then :func:`publish`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """A new empty file beside ``path`` (beside its target when ``path`` is a symlink), to
+    write and then :func:`publish`."""
+    real = Path(os.path.realpath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
     os.close(fd)
     return tmp
 
 
 def publish(tmp: str, path: Path) -> None:
-    """Give a finished temporary file ordinary permissions and rename it over ``path``."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    """Rename a finished temporary file over ``path``, atomically.
+
+    A symlink at ``path`` is written through (its target is replaced, the link stays), and an
+    existing file keeps its permission bits; a new one gets the usual ``0666 & ~umask``.
+    """
+    real = os.path.realpath(path)
+    try:
+        mode = os.stat(real).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    os.chmod(tmp, mode)
+    os.replace(tmp, real)
 
 
 @dataclass
@@ -197,6 +269,8 @@ class SpecOverrides:
     data: str | None = None
     data_config: dict[str, Any] | None = None
     loss: str | None = None
+    #: ``--max-params`` and ``--max-samples-build``: what the metadata may make us build.
+    limits: BuildLimits = field(default_factory=BuildLimits)
 
 
 @dataclass
@@ -300,6 +374,21 @@ def load_state_strict(model: torch.nn.Module, ckpt: Checkpoint) -> None:
     """Load ``ckpt``'s tensors into ``model``, naming every missing, unexpected or misshapen tensor."""
     expected = model.state_dict()
     given = ckpt.tensors
+    check_tensors(expected, ckpt)
+    import torch
+
+    if any(given[name].dtype == torch.float64 and expected[name].is_floating_point()
+           and expected[name].dtype != torch.float64 for name in expected):
+        # Plugins build float32 models; loading float64 weights (a --dtype float64 run's
+        # checkpoints) into them would round. Every consumer casts to its compute dtype.
+        model.double()
+    model.load_state_dict(given, strict=True)
+
+
+def check_tensors(expected: dict[str, torch.Tensor], ckpt: Checkpoint) -> None:
+    """Refuse ``ckpt`` unless its tensors have exactly the names and shapes of ``expected``
+    (a model's state_dict); works on :func:`read_header`'s stand-ins too."""
+    given = ckpt.tensors
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     mismatched = [
@@ -318,11 +407,3 @@ def load_state_strict(model: torch.nn.Module, ckpt: Checkpoint) -> None:
         raise CheckpointError(
             f"{ckpt.path}: tensors do not match the model: " + "; ".join(problems)
         )
-    import torch
-
-    if any(given[name].dtype == torch.float64 and expected[name].is_floating_point()
-           and expected[name].dtype != torch.float64 for name in expected):
-        # Plugins build float32 models; loading float64 weights (a --dtype float64 run's
-        # checkpoints) into them would round. Every consumer casts to its compute dtype.
-        model.double()
-    model.load_state_dict(given, strict=True)

@@ -40,9 +40,11 @@ Exit codes:
   0  success
   1  some of several inputs failed (each failure is reported on stderr)
   2  bad usage or bad input, or the environment refused a write
-     (no space left on device, read-only file system, no permission)
+     (no space left on device, read-only file system, no permission,
+     an output in use by another process)
   3  internal error (a bug: rerun with --traceback and report it)
-  130  interrupted
+  130  interrupted (Ctrl-C)
+  143  terminated (SIGTERM)
 """
 
 MAIN_EXAMPLES = """\b
@@ -75,11 +77,11 @@ class LazyGroup(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if wants_traceback(ctx):
                 raise
             click.echo("interrupted", err=True)
-            ctx.exit(EXIT_INTERRUPTED)
+            ctx.exit(getattr(exc, "exit_code", EXIT_INTERRUPTED))
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as exc:

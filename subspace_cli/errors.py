@@ -9,12 +9,22 @@ from __future__ import annotations
 import errno
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 #: Exit codes, documented in ``subspace --help`` and the README.
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2  # also a refusal by the environment (StorageError): no space, no permission
 EXIT_INTERRUPTED = 130
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stopped by a signal (SIGINT: exit 130, SIGTERM: exit 143)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.exit_code = 128 + signum
 
 
 class SubspaceError(Exception):
@@ -100,3 +110,17 @@ def storage_error(
         return StorageError(cause if action is None else f"cannot {action}: {cause}")
     where = os.fspath(path)
     return StorageError(f"{where}: {cause}" if action is None else f"cannot {action} {where}: {cause}")
+
+
+@contextmanager
+def refusals_reported(path: os.PathLike[str] | str, action: str, after: str = "") -> Iterator[None]:
+    """Turn an environment refusal inside the block into one :class:`StorageError` line,
+    ``cannot ACTION PATH: CAUSE`` and ``after`` (what survived); other errors pass."""
+    try:
+        yield
+    except OSError as exc:
+        refused = storage_error(exc, path, action)
+        if refused is None:
+            raise
+        refused.args = (f"{refused}{after}",)
+        raise refused from exc

@@ -11,12 +11,15 @@ from subspace_cli.checkpoint import (
     Checkpoint,
     ExperimentSpec,
     SpecOverrides,
+    check_tensors,
     load_state_strict,
     read_checkpoint,
+    read_header,
     resolve_spec,
 )
 from subspace_cli.data import TrainingData
-from subspace_cli.errors import PluginError, SubspaceError
+from subspace_cli.errors import InputError, PluginError, SubspaceError
+from subspace_cli.limits import BuildLimits, data_size
 from subspace_cli.plugins import resolve_factory
 
 if TYPE_CHECKING:
@@ -63,17 +66,26 @@ class DataCache:
     def __init__(self) -> None:
         self._cache: dict[tuple[str, str], TrainingData] = {}
 
-    def get(self, spec: ExperimentSpec) -> TrainingData:
+    def get(self, spec: ExperimentSpec, limits: BuildLimits | None = None) -> TrainingData:
         key = (spec.data, json.dumps(spec.data_config, sort_keys=True))
         if key not in self._cache:
             self._cache[key] = build_data(
-                spec.data, spec.data_config, from_user=spec.data_from_user
+                spec.data, spec.data_config, from_user=spec.data_from_user, limits=limits
             )
         return self._cache[key]
 
 
-def build_data(name: str, config: dict[str, Any], *, from_user: bool) -> TrainingData:
+def build_data(name: str, config: dict[str, Any], *, from_user: bool,
+               limits: BuildLimits | None = None) -> TrainingData:
+    """Build a training set; with ``limits``, a config asking for more samples than
+    ``--max-samples-build`` is refused before the factory runs."""
     factory = resolve_factory("data", name, from_user=from_user)
+    size = data_size(factory, config) if limits is not None else None
+    if limits is not None and size is not None and size[1] > limits.max_samples_build:
+        raise InputError(
+            f'data plugin "{name}": its config asks for {size[0]} = {size[1]:,} samples, more '
+            f"than --max-samples-build {limits.max_samples_build:,} (raise it to build them)"
+        )
     data = _call_factory("data", name, factory, config)
     if not isinstance(data, TrainingData):
         raise PluginError(
@@ -82,16 +94,46 @@ def build_data(name: str, config: dict[str, Any], *, from_user: bool) -> Trainin
     return data
 
 
-def build_model(name: str, config: dict[str, Any], *, from_user: bool) -> torch.nn.Module:
+def build_model(name: str, config: dict[str, Any], *, from_user: bool,
+                limits: BuildLimits | None = None,
+                against: Checkpoint | None = None) -> torch.nn.Module:
+    """Build a model. With ``limits`` or ``against`` (a checkpoint, e.g. its header), the
+    model is first built on the ``meta`` device, which allocates nothing, and refused when it
+    has more than ``--max-params`` parameters or tensors that do not match the checkpoint's."""
     import torch
 
     factory = resolve_factory("model", name, from_user=from_user)
+    if limits is not None or against is not None:
+        _check_before_building(name, factory, config, limits, against)
     model = _call_factory("model", name, factory, config)
     if not isinstance(model, torch.nn.Module):
         raise PluginError(
             f'model plugin "{name}" returned {type(model).__name__}, expected torch.nn.Module'
         )
     return model
+
+
+def _check_before_building(name: str, factory: Any, config: dict[str, Any],
+                           limits: BuildLimits | None, against: Checkpoint | None) -> None:
+    import torch
+
+    try:
+        with torch.device("meta"):
+            probe = factory(**config)
+    except (Exception, SystemExit):  # e.g. a factory that computes on its tensors: the real
+        return  # build below runs it (and reports its failure) as before
+    if not isinstance(probe, torch.nn.Module):
+        return
+    n_params = sum(p.numel() for p in probe.parameters())
+    if limits is not None and n_params > limits.max_params:
+        where = f"{against.path}: " if against is not None else ""
+        raise InputError(
+            f'{where}model plugin "{name}" with config {json.dumps(config, sort_keys=True)} '
+            f"has {n_params:,} parameters, more than --max-params {limits.max_params:,} (what "
+            "this machine's memory can analyse; raise --max-params to build it)"
+        )
+    if against is not None:
+        check_tensors(probe.state_dict(), against)
 
 
 def complete_model_config(
@@ -132,13 +174,15 @@ def load_experiment(
     need_data: bool = True,
 ) -> Experiment:
     """Read a checkpoint, resolve its plugins, build the model and load its weights strictly."""
+    header = read_header(path)  # names and shapes: checked before any tensor is read
+    spec = resolve_spec(header, overrides)
+    model = build_model(spec.model, spec.model_config, from_user=spec.model_from_user,
+                        limits=overrides.limits, against=header)
     ckpt = read_checkpoint(path)
-    spec = resolve_spec(ckpt, overrides)
-    model = build_model(spec.model, spec.model_config, from_user=spec.model_from_user)
     load_state_strict(model, ckpt)
     data = None
     if need_data:
-        data = (data_cache or DataCache()).get(spec)
+        data = (data_cache or DataCache()).get(spec, overrides.limits)
     return Experiment(ckpt, spec, model, data)
 
 
@@ -181,7 +225,8 @@ def describe_checkpoint(path: Path, overrides: SpecOverrides) -> dict[str, Any]:
                 "entry_point": info.value if info else name,
                 "source": "command line" if from_user else "checkpoint",
             }
-        built = build_model(spec.model, spec.model_config, from_user=spec.model_from_user)
+        built = build_model(spec.model, spec.model_config, from_user=spec.model_from_user,
+                            limits=overrides.limits, against=ckpt)
         load_state_strict(built, ckpt)
         report.update(
             {

@@ -50,9 +50,18 @@ def emit_table(
     click.echo(tabulate(rows, headers=headers, floatfmt=floatfmt, disable_numparse=False))
 
 
-def say(message: str) -> None:
-    """A line for people, on stderr."""
+def say(message: str, *, always: bool = False) -> None:
+    """A line for people, on stderr; ``-q`` silences it unless ``always`` (a line that explains
+    an error or an interruption)."""
+    if not always and quiet_requested():
+        return
     click.echo(message, err=True)
+
+
+def quiet_requested(ctx: click.Context | None = None) -> bool:
+    """Whether the (running) command was given ``-q`` (false outside a command)."""
+    ctx = ctx or click.get_current_context(silent=True)
+    return ctx is not None and bool((ctx.find_root().obj or {}).get("quiet"))
 
 
 def progress_enabled(quiet: bool) -> bool:

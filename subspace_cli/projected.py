@@ -578,8 +578,9 @@ class ProjectedTraining:
             eigenvalues=values,
         )
 
-    def run(self, until: int) -> None:
-        """Train until ``state.step == until``, saving every ``save_every`` steps and at the end."""
+    def run(self, until: int, should_stop: Callable[[], bool] | None = None) -> None:
+        """Train until ``state.step == until``, saving every ``save_every`` steps and at the end;
+        when ``should_stop()`` turns true, save the step just done and return early."""
         c = self.config
         while self.state.step < until:
             row = self.step()
@@ -587,9 +588,12 @@ class ProjectedTraining:
                 self.on_log(row)
             if self.progress is not None:
                 self.progress(self, row)
-            if self.state.step % c.save_every == 0 or self.state.step == until:
+            stop = should_stop is not None and should_stop()
+            if self.state.step % c.save_every == 0 or self.state.step == until or stop:
                 set_parameters(self.model, self.layout, self.theta)
                 self.on_save(self)
+            if stop:
+                return
 
 
 def parameters_tensor_dict(training: ProjectedTraining) -> dict[str, Any]:

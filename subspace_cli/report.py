@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -771,6 +773,30 @@ def write_plots(out_dir: Path, groups: Sequence[Sequence[Run]], entries: Sequenc
             continue
         written += _save(fig, out_dir, stem, formats)
     return written
+
+
+@contextmanager
+def staged_directory(out_dir: Path) -> Iterator[Path]:
+    """A temporary directory beside ``out_dir`` to write a report into; when the block ends
+    without an error, each file in it replaces its namesake in ``out_dir`` (renames on one file
+    system), so a full disk or an error leaves ``out_dir`` as it was, never half-written."""
+    import shutil
+    import tempfile
+
+    from subspace_cli.checkpoint import publish
+    from subspace_cli.errors import refusals_reported
+
+    real = Path(os.path.realpath(out_dir))
+    real.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent))
+    try:
+        with refusals_reported(out_dir, "write the report to", f"; {out_dir} is unchanged"):
+            yield stage
+        real.mkdir(exist_ok=True)
+        for file in sorted(stage.iterdir()):
+            publish(str(file), real / file.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -15,11 +15,14 @@ such step, truncates ``run.h5`` to it, and continues bit-identically.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 STATE_SUFFIX = ".state.safetensors"
+LOCK_NAME = ".lock"
 
 
 def run_path(run_dir: Path, step: int, state: bool = False) -> Path:
@@ -36,12 +39,14 @@ def start(checkpoint: Path, run_dir: Path, overrides: Any, *, steps: int, k: int
     from subspace_cli.errors import UsageError
     from subspace_cli.experiment import load_experiment
     from subspace_cli.projected import TrainConfig
+    from subspace_cli.writable import check_writable
 
     unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:  # an option of the command that no field takes: our bug, never dropped
         raise TypeError(f"options without a TrainConfig field: {', '.join(sorted(unknown))}")
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         raise UsageError(f"{run_dir} is not empty: choose a new --out, or --resume {run_dir}")
+    check_writable(run_dir, directory=True)
     experiment = load_experiment(checkpoint, overrides)
     assert experiment.data is not None
     config = TrainConfig(
@@ -54,54 +59,128 @@ def start(checkpoint: Path, run_dir: Path, overrides: Any, *, steps: int, k: int
     n_params = sum(p.numel() for p in experiment.model.parameters())
     if config.k > n_params:  # checked again by the trainer; here before anything is written
         raise UsageError(f"k = {config.k} exceeds the model's {n_params} parameters")
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec = experiment.spec
-    stored = {"config": dataclasses.asdict(config), "command": _command(),
-              "spec": dataclasses.asdict(spec), "start_step": spec.step or 0,
-              "start_sha256": experiment.checkpoint.sha256()}
-    (run_dir / "config.json").write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
-    from subspace_cli import runlog
+    with _locked(run_dir), deferred_interrupts() as stop:
+        if any(p.name != LOCK_NAME for p in run_dir.iterdir()):  # another start got here first
+            raise UsageError(f"{run_dir} is not empty: choose a new --out, or --resume {run_dir}")
+        spec = experiment.spec
+        stored = {"config": dataclasses.asdict(config), "command": _command(),
+                  "spec": dataclasses.asdict(spec), "start_step": spec.step or 0,
+                  "start_sha256": experiment.checkpoint.sha256()}
+        try:
+            _write_config(run_dir, stored)
+            from subspace_cli import runlog
 
-    runlog.create(run_dir / "run.h5", dataclasses.asdict(config), stored["command"])
-    return _drive(run_dir, config, experiment, stored, until=config.steps, resumed=None,
-                  quiet=quiet)
+            runlog.create(run_dir / "run.h5", dataclasses.asdict(config), stored["command"])
+            return _drive(run_dir, config, experiment, stored, until=config.steps,
+                          resumed=None, quiet=quiet, stop=stop)
+        except BaseException:
+            if latest_complete(run_dir) is None:  # nothing to resume: leave no half-made run
+                _discard(run_dir, remove_directory=created)
+            raise
 
 
-def resume(run_dir: Path, steps: int | None, *, quiet: bool) -> dict[str, Any]:
+def resume(run_dir: Path, steps: int | None, *, quiet: bool,
+           limits: Any = None) -> dict[str, Any]:
     """Continue the run in ``run_dir`` from its newest saved step (to ``steps`` in all when
     given). Returns :func:`summary`."""
     import dataclasses
 
     from subspace_cli import runlog
     from subspace_cli.checkpoint import SpecOverrides, read_checkpoint
-    from subspace_cli.errors import InputError
+    from subspace_cli.errors import InputError, UsageError
     from subspace_cli.experiment import load_experiment
+    from subspace_cli.output import say
     from subspace_cli.projected import RunState, TrainConfig
+    from subspace_cli.writable import check_writable
 
     config_path = run_dir / "config.json"
     if not config_path.exists():
         raise InputError(f"{run_dir} has no config.json: not a project-train run directory")
-    stored = json.loads(config_path.read_text())
+    check_writable(run_dir, directory=True)
+    with _locked(run_dir), deferred_interrupts() as stop:
+        stored = _read_config(config_path)
+        latest = latest_complete(run_dir)
+        if latest is None:
+            raise InputError(f"{run_dir} has no complete checkpoint to resume from")
+        weights, state_file = latest
+        state_ckpt = read_checkpoint(state_file)
+        state = RunState.from_json(state_ckpt.metadata["subspace.run_state"])
+        config = TrainConfig(**stored["config"])
+        if steps is not None and steps != config.steps:
+            if steps < state.step:
+                raise UsageError(f"{run_dir} is at step {state.step}; --steps {steps} would "
+                                 f"shorten it (give --steps {state.step} or more)")
+            config = dataclasses.replace(config, steps=steps)
+            stored["config"]["steps"] = steps  # a later plain --resume goes on to it
+            _write_config(run_dir, stored)
+        if state.step >= config.steps:
+            say(f"{run_dir} is complete at step {state.step} of {config.steps}: nothing to do "
+                "(--steps N continues it to step N)")
+            return summary(run_dir)
+        spec = stored["spec"]
+        overrides = SpecOverrides(model=spec["model"] if spec["model_from_user"] else None,
+                                  data=spec["data"] if spec["data_from_user"] else None,
+                                  **({} if limits is None else {"limits": limits}))
+        experiment = load_experiment(weights, overrides)
+        stop.raise_if_requested()
+        runlog.truncate_for_resume(run_dir / "run.h5", state.step)
+        return _drive(run_dir, config, experiment, stored, until=config.steps,
+                      resumed=(state_ckpt.tensors, state), quiet=quiet, stop=stop)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """``config.json``, upgraded from older runs; a damaged file is an :class:`InputError`."""
+    from subspace_cli.errors import InputError
+
+    try:
+        stored = json.loads(path.read_text())
+        stored["config"]["steps"], stored["spec"]["model"], stored["start_step"]  # noqa: B018
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is damaged ({type(exc).__name__}: {exc}); the run's "
+                         "checkpoints are intact, but it cannot be resumed") from exc
     # A run from before the tracker recomputed warm every --refresh-every steps.
     stored["config"].setdefault("refresh", "warm")
     # Runs from before this field was dropped (it had no option and was always false).
     stored["config"].pop("train_mode_hessian", None)
-    config = TrainConfig(**stored["config"])
-    if steps is not None:
-        config = dataclasses.replace(config, steps=steps)
-    latest = latest_complete(run_dir)
-    if latest is None:
-        raise InputError(f"{run_dir} has no complete checkpoint to resume from")
-    weights, state_file = latest
-    spec = stored["spec"]
-    overrides = SpecOverrides(model=spec["model"] if spec["model_from_user"] else None,
-                              data=spec["data"] if spec["data_from_user"] else None)
-    experiment = load_experiment(weights, overrides)
-    state_ckpt = read_checkpoint(state_file)
-    state = RunState.from_json(state_ckpt.metadata["subspace.run_state"])
-    runlog.truncate_for_resume(run_dir / "run.h5", state.step)
-    return _drive(run_dir, config, experiment, stored, until=config.steps,
-                  resumed=(state_ckpt.tensors, state), quiet=quiet)
+    return stored
+
+
+def _write_config(run_dir: Path, stored: dict[str, Any]) -> None:
+    from subspace_cli.checkpoint import publish, temporary_sibling
+
+    target = run_dir / "config.json"
+    tmp = temporary_sibling(target)
+    try:
+        Path(tmp).write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
+        publish(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _locked(run_dir: Path) -> Any:
+    """One process at a time in a run directory: a second one is refused at once (exit 2)."""
+    from subspace_cli import locking
+
+    return locking.exclusive(run_dir / LOCK_NAME, what=f"run directory {run_dir}", wait=0,
+                             hint="; a project-train is running there: wait for it to finish, "
+                                  "or stop it and --resume")
+
+
+def _discard(run_dir: Path, *, remove_directory: bool) -> None:
+    """Remove what :func:`start` wrote (and the directory it made), so that the same command
+    can be run again: used when a run ends before its first checkpoint."""
+    names = {"config.json", "run.h5", "run.h5.bak", "last.safetensors", LOCK_NAME}
+    for entry in run_dir.iterdir():
+        if entry.name in names or entry.name.startswith("step_") or (
+                entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            with contextlib.suppress(OSError):
+                entry.unlink()
+    if remove_directory:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
 
 
 def latest_complete(run_dir: Path) -> tuple[Path, Path] | None:
@@ -129,12 +208,12 @@ def _command() -> str:
 
 
 def _drive(run_dir: Path, config: Any, experiment: Any, stored: dict[str, Any], *, until: int,
-           resumed: Any, quiet: bool) -> dict[str, Any]:
+           resumed: Any, quiet: bool, stop: _StopRequest) -> dict[str, Any]:
     import math
 
     from subspace_cli import runlog
     from subspace_cli.checkpoint import write_checkpoint
-    from subspace_cli.errors import NumericalError
+    from subspace_cli.errors import NumericalError, StorageError
     from subspace_cli.output import progress_bar, progress_enabled, say
     from subspace_cli.projected import ProjectedTraining, parameters_tensor_dict
 
@@ -187,15 +266,76 @@ def _drive(run_dir: Path, config: Any, experiment: Any, stored: dict[str, Any], 
             bar.update(completed=training.state.step)
             say(f"resuming {run_dir} at step {training.state.step}")
         try:
-            training.run(until)
+            stop.raise_if_requested()
+            training.run(until, should_stop=stop.requested)
+            if training.state.step < until:
+                stop.raise_if_requested()
         except NumericalError as exc:
             where = last_saved[0] if last_saved else "none was written"
             raise NumericalError(f"{exc}; the last good checkpoint: {where}") from exc
+        except StorageError as exc:  # a full disk: what was saved stays resumable
+            latest = latest_complete(run_dir)
+            if latest is not None:
+                exc.args = (f"{exc}; the run is saved up to {latest[0].name}: free some space "
+                            f"and continue with `subspace project-train --resume {run_dir}`",)
+            raise
         except KeyboardInterrupt:
-            say(f"interrupted at step {training.state.step}; continue with "
-                f"`subspace project-train --resume {run_dir}`")
+            if latest_complete(run_dir) is None:
+                say(f"interrupted at step {training.state.step}, before the first checkpoint: "
+                    "nothing to resume (run the same command again)", always=True)
+            else:
+                saved = f"saved at step {training.state.step}; " if last_saved and (
+                    last_saved[0] == str(run_path(run_dir, training.state.step))) else ""
+                say(f"interrupted at step {training.state.step}; {saved}continue with "
+                    f"`subspace project-train --resume {run_dir}`", always=True)
             raise
     return summary(run_dir)
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM while training: finish the step, save it, then stop."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def raise_if_requested(self) -> None:
+        if self.signal is not None:
+            from subspace_cli.errors import Interrupted
+
+            raise Interrupted(self.signal)
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Any:
+    """Turn the first SIGINT or SIGTERM into a request that the training loop honours at the
+    end of the step (saving it); a second one interrupts at once. Outside the main thread
+    (where Python cannot install handlers) signals keep their usual effect."""
+    import signal
+    import threading
+
+    from subspace_cli.errors import Interrupted
+    from subspace_cli.output import say
+
+    stop = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.signal is not None:
+            raise Interrupted(signum)
+        stop.signal = signum
+        say("stopping at the end of this step, saving it (again to stop at once)", always=True)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def summary(run_dir: Path) -> dict[str, Any]:

@@ -22,9 +22,12 @@ import numpy as np
 from subspace_cli.checkpoint import publish, temporary_sibling
 from subspace_cli.errors import InputError
 from subspace_cli.projected import AuditLog, RefreshLog, StepLog
+from subspace_cli.writable import check_space
 
 FORMAT_NAME = "subspace-run"
 FORMAT_VERSION = "1.1"
+#: Free bytes an append insists on (HDF5 grows a file by chunks of a few kB per table).
+APPEND_RESERVE = 1 << 20
 LOG = "log"
 REFRESH = "refresh"
 AUDIT = "audit"
@@ -86,6 +89,9 @@ def append(path: Path, group_name: str, rows: list[Any]) -> None:
 
     if not rows:
         return
+    # HDF5 that runs out of space mid-write can keep the file open and crash at exit: refuse
+    # (one StorageError line) while a row's worth of room is still there.
+    check_space(path, APPEND_RESERVE)
     with h5py.File(path, "a") as f:
         group = f[group_name]
         n = group["step"].shape[0]
@@ -104,10 +110,13 @@ def _columns(rows: list[Any]) -> dict[str, np.ndarray]:
 
 def backup(path: Path) -> None:
     """Publish a copy of the run file as ``run.h5.bak`` (atomically)."""
-    target = path.with_name(path.name + ".bak")
+    _copy_atomically(path, path.with_name(path.name + ".bak"))
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
     tmp = temporary_sibling(target)
     try:
-        shutil.copyfile(path, tmp)
+        shutil.copyfile(source, tmp)
         publish(tmp, target)
     finally:
         if Path(tmp).exists():
@@ -119,14 +128,15 @@ def truncate_for_resume(path: Path, step: int) -> None:
     add the columns of this minor version that an older run file lacks."""
     import h5py
 
-    try:
-        with h5py.File(path, "r") as f:
-            _ = f[LOG]["step"][()]
-    except Exception:  # a kill during an append can leave the file unreadable
+    if not _usable(path):  # a kill during an append can leave the file unreadable
         bak = path.with_name(path.name + ".bak")
         if not bak.exists():
-            raise InputError(f"{path} is damaged and has no backup to restore") from None
-        shutil.copyfile(bak, path)
+            raise InputError(f"{path} is damaged and has no backup to restore")
+        if not _usable(bak):
+            raise InputError(f"{path} and its backup {bak.name} are both damaged: the run's "
+                             "checkpoints are intact, its log is not (start a new run from "
+                             "its last checkpoint)")
+        _copy_atomically(bak, path)
     with h5py.File(path, "a") as f:
         _ensure_layout(f, int(json.loads(f.attrs["config"])["k"]))
         f.attrs["format_version"] = FORMAT_VERSION
@@ -136,6 +146,19 @@ def truncate_for_resume(path: Path, step: int) -> None:
             keep = int(np.searchsorted(steps, step, side="left"))
             for name in group:
                 group[name].resize(keep, axis=0)
+
+
+def _usable(path: Path) -> bool:
+    """Whether ``path`` opens as a run file whose log and config read."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            _ = f[LOG]["step"][()]
+            int(json.loads(f.attrs["config"])["k"])
+    except Exception:  # any damage at all: the caller falls back or refuses
+        return False
+    return True
 
 
 def read(path: Path) -> dict[str, Any]:

@@ -25,15 +25,15 @@ import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from subspace_cli import locking
 from subspace_cli.checkpoint import publish, temporary_sibling
-from subspace_cli.errors import InputError, UsageError, storage_error
+from subspace_cli.errors import InputError, UsageError, refusals_reported
 
 FORMAT_NAME = "subspace-spectra"
 FORMAT_VERSION = "1.1"
@@ -419,14 +419,8 @@ def _update(path: Path, change: Callable[[_Update], None]) -> None:
     A refusal by the environment (no space, quota, read-only, permission) becomes one
     :class:`~subspace_cli.errors.StorageError` line; the file is then as it was.
     """
-    try:
+    with refusals_reported(path, "write", f"; {path} is unchanged and every group in it readable"):
         _update_locked(path, change)
-    except OSError as exc:
-        refused = storage_error(exc, path, "write")
-        if refused is None:
-            raise
-        refused.args = (f"{refused}; {path} is unchanged and every group in it readable",)
-        raise refused from exc
 
 
 def _update_locked(path: Path, change: Callable[[_Update], None]) -> None:
@@ -437,7 +431,8 @@ def _update_locked(path: Path, change: Callable[[_Update], None]) -> None:
     real.parent.mkdir(parents=True, exist_ok=True)
     directory = sidecar(real)
     directory.mkdir(exist_ok=True)
-    with _writer_lock(directory):
+    with locking.exclusive(directory / _LOCK_NAME, what=str(path),
+                           hint="; another subspace is writing to it"):
         _remove_stale_temporaries(real)
         update = _Update(path, real)
         try:
@@ -611,25 +606,6 @@ def _remove_stale_temporaries(real: Path) -> None:
 def _unlink_quietly(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
-
-
-@contextmanager
-def _writer_lock(directory: Path) -> Iterator[None]:
-    """One writer at a time per spectra file (an advisory ``flock`` on ``FILE.h5.d/.lock``)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    fd = os.open(directory / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass  # a file system without locks (some network ones): go on, as before locks
-        yield
-    finally:
-        os.close(fd)
 
 
 def _hdf5_image(build: Callable[[Any], None]) -> memoryview:

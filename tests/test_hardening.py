@@ -167,3 +167,132 @@ def test_the_loop_safe_glob_agrees_with_glob_on_a_plain_tree(tmp_path, monkeypat
         ours = [str(p) for p in glob_paths(pattern)]
         theirs = sorted(str(p).rstrip("/") for p in glob.glob(pattern, recursive=True))
         assert ours == [p for p in theirs if p != pattern.partition("/**")[0]], pattern
+
+
+# -- item 4: resource limits from untrusted metadata --------------------------------------------
+
+SAMPLE = Path(__file__).parents[1] / "sample_checkpoints" / "mlp_mnist1d.safetensors"
+
+
+def with_metadata(source: Path, target: Path, **changes: str) -> Path:
+    """A copy of ``source`` whose metadata has ``changes`` (keys with dots as double
+    underscores: ``subspace__model_config``)."""
+    from subspace_cli.checkpoint import read_checkpoint, write_checkpoint
+
+    ckpt = read_checkpoint(source)
+    meta = dict(ckpt.metadata)
+    meta.update({key.replace("__", "."): value for key, value in changes.items()})
+    write_checkpoint(target, ckpt.tensors, meta)
+    return target
+
+
+def test_a_model_config_with_huge_widths_is_refused_before_anything_is_built(tmp_path):
+    import json
+
+    from subspace_cli.checkpoint import read_checkpoint
+
+    config = json.loads(read_checkpoint(SAMPLE).metadata["subspace.model_config"])
+    config["widths"] = [1_000_000, 1_000_000]  # about 1e12 parameters: 4 TB in float32
+    huge = with_metadata(SAMPLE, tmp_path / "huge.safetensors",
+                         subspace__model_config=json.dumps(config))
+    result = run_cli("spectrum", str(huge), "-o", str(tmp_path / "s.h5"))
+    assert result.exit_code == 2, result.stderr
+    assert "more than --max-params" in result.stderr and "raise --max-params" in result.stderr
+    assert not (tmp_path / "s.h5").exists()
+    # an explicit, smaller limit refuses the sample's own 50,410 parameters too, and a
+    # larger one lets it through to the tensor check
+    small = run_cli("inspect", str(SAMPLE), "--max-params", "50000")
+    assert small.exit_code == 2 and "50,410 parameters, more than --max-params 50,000" in (
+        small.stderr)
+    assert run_cli("inspect", str(SAMPLE), "--max-params", "50410").exit_code == 0
+
+
+def test_the_default_parameter_limit_is_what_the_memory_can_hold():
+    from subspace_cli.limits import BYTES_PER_PARAMETER, BuildLimits, physical_memory
+
+    memory = physical_memory()
+    assert memory is not None and memory > 2**30
+    assert BuildLimits().max_params == memory // BYTES_PER_PARAMETER
+
+
+def test_a_data_config_asking_for_1e12_samples_is_refused_before_the_plugin_runs(tmp_path):
+    import json
+
+    from subspace_cli.checkpoint import read_checkpoint
+
+    config = json.loads(read_checkpoint(SAMPLE).metadata["subspace.data_config"])
+    config["n_train"] = 10**12
+    many = with_metadata(SAMPLE, tmp_path / "many.safetensors",
+                         subspace__data_config=json.dumps(config))
+    result = _finishes(lambda: run_cli("spectrum", str(many), "--max-samples", "200",
+                                       "-o", str(tmp_path / "s.h5")))
+    assert result.exit_code == 2, result.stderr
+    assert "n_train = 1,000,000,000,000 samples, more than --max-samples-build 10,000,000" in (
+        result.stderr)
+    raised = _finishes(lambda: run_cli("spectrum", str(many), "--max-samples-build", "100",
+                                       "-o", str(tmp_path / "s.h5")))
+    assert raised.exit_code == 2 and "--max-samples-build 100 " in raised.stderr
+
+
+def test_a_big_tensor_under_a_wrong_name_is_refused_before_it_is_read(tmp_path):
+    """The names are checked against the header: the 256 MB tensor is never read (measured as
+    the peak memory of a process that tries, against one given a matching checkpoint)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from subspace_cli.checkpoint import read_checkpoint, write_checkpoint
+
+    ckpt = read_checkpoint(SAMPLE)
+    tensors = dict(ckpt.tensors)
+    tensors["net.0.weight_renamed"] = torch.ones(64 * 2**20)  # 256 MiB of float32
+    wrong = tmp_path / "wrong.safetensors"
+    write_checkpoint(wrong, tensors, ckpt.metadata)
+    script = (
+        "import resource, sys\n"
+        "from subspace_cli.checkpoint import SpecOverrides\n"
+        "from subspace_cli.errors import CheckpointError\n"
+        "from subspace_cli.experiment import load_experiment\n"
+        "try:\n"
+        "    load_experiment(sys.argv[1], SpecOverrides(), need_data=False)\n"
+        "    print('loaded')\n"
+        "except CheckpointError as exc:\n"
+        "    print('refused:', exc)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+
+    def peak(path):
+        out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+        return out[0], int(out[-1]) * 1024
+
+    verdict, used = peak(wrong)
+    assert verdict.startswith("refused:") and "unexpected net.0.weight_renamed" in verdict
+    baseline_verdict, baseline = peak(SAMPLE)
+    assert baseline_verdict == "loaded"
+    assert used - baseline < 64 * 2**20, (used, baseline)  # far less than the 256 MiB tensor
+
+
+def test_random_bytes_in_a_pt_file_are_not_said_to_hold_python_objects(tmp_path):
+    import datetime
+
+    import torch
+
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"xyz, not a pickle at all" * 10)
+    result = run_cli("inspect", str(junk))
+    assert result.exit_code == 2
+    assert "not a readable torch file" in result.stderr and "Python objects" not in result.stderr
+    objects = tmp_path / "objects.pt"
+    torch.save({"w": torch.zeros(2), "when": datetime.date(2020, 1, 1)}, objects)
+    refused = run_cli("inspect", str(objects))
+    assert refused.exit_code == 2
+    assert "holds Python objects besides tensors (datetime.date)" in refused.stderr
+
+
+@pytest.mark.parametrize("version", ["-1", "0", "1e3", " 1", "1.x", ""])
+def test_a_malformed_format_version_is_refused(tmp_path, version):
+    odd = with_metadata(SAMPLE, tmp_path / "odd.safetensors", subspace__format_version=version)
+    result = run_cli("inspect", str(odd))
+    assert result.exit_code == 2 and "malformed subspace.format_version" in result.stderr

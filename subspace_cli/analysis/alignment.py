@@ -265,7 +265,7 @@ class AlignmentAnalysis(CheckpointSequence):
                     say(
                         f"warning: the stored spectrum of {path} averages over "
                         f"{stored.attrs['n_samples']} samples, the gradients here over "
-                        f"{op.n_samples} (match --max-samples)"
+                        f"{op.n_samples} (match --max-samples)", always=True
                     )
                 if len(stored.eigenvalues) >= need:
                     source = f"{self.eigenspace}:{stored.group}"
@@ -312,7 +312,7 @@ class AlignmentAnalysis(CheckpointSequence):
         if not run.result.all_converged:
             say(
                 f"warning: {experiment.checkpoint.path}: the eigenspace did not converge "
-                f"within {run.result.hvp_count} HVPs; χ is measured against it anyway"
+                f"within {run.result.hvp_count} HVPs; χ is measured against it anyway", always=True
             )
         vectors = run.result.eigenvectors
         values = [float(v) for v in run.result.eigenvalues]

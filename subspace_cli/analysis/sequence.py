@@ -44,6 +44,10 @@ class CheckpointSequence(ABC):
         from subspace_cli.experiment import DataCache
         from subspace_cli.output import progress_enabled
 
+        if output:
+            from subspace_cli.writable import check_writable
+
+            check_writable(output)  # before any checkpoint is loaded or solved
         self.settings = settings
         self.overrides = overrides
         self.output = output

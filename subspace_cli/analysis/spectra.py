@@ -48,6 +48,13 @@ class SpectrumAnalysis(CheckpointSequence):
                 f"{self.output} already holds a spectrum of {path}; pass --overwrite to replace it"
             )
         experiment = self.load(path)
+        if self.output:  # the group's eigenvectors must fit: checked before the solve
+            from subspace_cli.writable import check_space
+
+            k = self.settings.k or (experiment.data.num_classes if experiment.data else 1)
+            n = sum(p.numel() for p in experiment.model.parameters())
+            check_space(self.output, k * n * (8 if self.settings.dtype == "float64" else 4),
+                        why=f"; {path} was not solved")
         init, warm = self._warm_start(experiment)
         with self.progress(path.name, self.settings.max_hvps) as bar:
 
@@ -82,7 +89,7 @@ class SpectrumAnalysis(CheckpointSequence):
             say(
                 f"warning: {path}: {unconverged} of {len(run.result.converged)} pairs did not "
                 f"reach tol {run.result.tol:g} within {run.result.hvp_count} HVPs "
-                "(raise --max-hvps or --tol)"
+                "(raise --max-hvps or --tol)", always=True
             )
         return record
 
@@ -112,7 +119,7 @@ class SpectrumAnalysis(CheckpointSequence):
 
             say(
                 f"warning: {self.init_from} has no spectrum over the same parameters; "
-                "starting from random vectors"
+                "starting from random vectors", always=True
             )
             return None, None
         return torch.from_numpy(stored.eigenvectors), f"{self.init_from}:{stored.group}"

@@ -62,15 +62,30 @@ class ByteSize(click.ParamType):
         return int(size * _SIZE_UNITS[unit])
 
 
-def _set_root_flag(name: str) -> Callable[[click.Context, click.Parameter, bool], bool]:
-    def callback(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+def _set_root_value(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A callback keeping an option given after any subcommand on the root context (a flag
+    only when set, a value only when given)."""
+    def callback(ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
         root = ctx.find_root()
         root.ensure_object(dict)
-        if value:
-            root.obj[name] = True
+        if value is not None and value is not False:
+            root.obj[name] = value
         return value
 
     return callback
+
+
+def build_limits(ctx: click.Context | None = None) -> Any:
+    """The :class:`~subspace_cli.limits.BuildLimits` of ``--max-params`` and
+    ``--max-samples-build`` (defaults where not given)."""
+    import dataclasses
+
+    from subspace_cli.limits import BuildLimits
+
+    ctx = ctx or click.get_current_context(silent=True)
+    given = (ctx.find_root().obj or {}) if ctx is not None else {}
+    fields = {f.name: given[f.name] for f in dataclasses.fields(BuildLimits) if f.name in given}
+    return BuildLimits(**fields)
 
 
 def output_options(f: F) -> F:
@@ -82,7 +97,7 @@ def output_options(f: F) -> F:
         is_flag=True,
         expose_value=False,
         is_eager=True,
-        callback=_set_root_flag("quiet"),
+        callback=_set_root_value("quiet"),
         help="No progress bars or informational messages.",
     )(f)
     f = click.option(
@@ -90,10 +105,18 @@ def output_options(f: F) -> F:
         is_flag=True,
         expose_value=False,
         is_eager=True,
-        callback=_set_root_flag("traceback"),
+        callback=_set_root_value("traceback"),
         help="Show the full traceback of an error.",
     )(f)
     return f
+
+
+LIMIT_OPTIONS = (
+    ("--max-params", "Refuse a model (built from a checkpoint's metadata) with more parameters "
+                     "[default: what this machine's memory can analyse, memory / 16 bytes]."),
+    ("--max-samples-build", "Refuse a data config asking for more samples (n_train, n_samples "
+                            "or num_samples) [default: 10,000,000]."),
+)
 
 
 def plugin_options(f: F) -> F:
@@ -124,6 +147,9 @@ def plugin_options(f: F) -> F:
             type=click.Choice(["mse", "ce"]),
             help="Loss: mse = mean over samples of 0.5*||f(x)-onehot(y)||^2; ce = mean cross-entropy.",
         ),
+        *(click.option(flag, type=click.IntRange(min=1), expose_value=False,
+                       callback=_set_root_value(flag[2:].replace("-", "_")), help=text)
+          for flag, text in LIMIT_OPTIONS),
     ]
     for option in reversed(options):
         f = option(f)
@@ -140,6 +166,7 @@ def overrides_from(
     from subspace_cli.checkpoint import SpecOverrides, parse_json_object
 
     return SpecOverrides(
+        limits=build_limits(),
         model=model,
         model_config=parse_json_object(model_config, "--model-config") if model_config else None,
         data=data,
@@ -149,7 +176,9 @@ def overrides_from(
 
 
 def is_quiet(ctx: click.Context) -> bool:
-    return bool((ctx.find_root().obj or {}).get("quiet"))
+    from subspace_cli.output import quiet_requested
+
+    return quiet_requested(ctx)
 
 
 def wants_traceback(ctx: click.Context) -> bool:

@@ -10,6 +10,7 @@ import click
 from subspace_cli.commands.common import (
     HVP_METHOD_HELP,
     Finite,
+    build_limits,
     examples,
     is_quiet,
     output_options,
@@ -161,7 +162,8 @@ def project_train_command(ctx: click.Context, checkpoint: str | None, out: str |
     if resume:
         if checkpoint or out:
             raise UsageError("--resume RUN_DIR takes no CHECKPOINT or --out")
-        summary = rundir.resume(Path(resume), steps, quiet=is_quiet(ctx))
+        summary = rundir.resume(Path(resume), steps, quiet=is_quiet(ctx),
+                                limits=build_limits(ctx))
     else:
         if not checkpoint or not out:
             raise UsageError("give CHECKPOINT and --out RUN_DIR (or --resume RUN_DIR)")

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from subspace_cli.commands.common import examples, for_each_input, is_quiet, output_options
+from subspace_cli.commands.common import examples, for_each_input, output_options
 
 FORMATS = ("table", "markdown", "csv", "json")
 
@@ -66,7 +66,10 @@ def report_command(ctx: click.Context, inputs: tuple[str, ...], out_dir: Path | 
 
     if as_json:
         fmt = "json"
-    quiet = is_quiet(ctx)
+    if out_dir is not None:
+        from subspace_cli.writable import check_writable
+
+        check_writable(out_dir, directory=True)  # before any input is read
 
     runs: list[report.Run] = []
     entries: list[report.SpectraEntry] = []
@@ -92,22 +95,23 @@ def report_command(ctx: click.Context, inputs: tuple[str, ...], out_dir: Path | 
 
     plots: list[Path] = []
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        plots = report.write_plots(out_dir, groups, entries, plot_formats or report.PLOT_FORMATS,
-                                   notes.append)
+        with report.staged_directory(out_dir) as stage:  # all files, or none of them
+            staged = report.write_plots(stage, groups, entries,
+                                        plot_formats or report.PLOT_FORMATS, notes.append)
+            plots = [out_dir / p.relative_to(stage) for p in staged]
+            payload = _payload(ordered, spectra, plots, notes)
+            report.write_text(stage / "summary.csv",
+                              report.render_tables("csv", groups, summaries, spectra))
+            report.write_text(stage / "summary.json", json_text(payload) + "\n")
+            report.write_text(stage / "report.md", report.markdown_report(
+                report.render_tables("markdown", groups, summaries, spectra), staged, stage,
+                notes))
     payload = _payload(ordered, spectra, plots, notes)
-    if out_dir is not None:
-        report.write_text(out_dir / "summary.csv",
-                          report.render_tables("csv", groups, summaries, spectra))
-        report.write_text(out_dir / "summary.json", json_text(payload) + "\n")
-        report.write_text(out_dir / "report.md", report.markdown_report(
-            report.render_tables("markdown", groups, summaries, spectra), plots, out_dir, notes))
-    elif not quiet:
+    if out_dir is None:
         say("no plots written: give -o DIR for the plots, summary.csv, summary.json and report.md")
 
-    if not quiet:
-        for text in notes:
-            say(f"note: {text}")
+    for text in notes:
+        say(f"note: {text}")
     if fmt == "json":
         emit_json(payload)
     else:
