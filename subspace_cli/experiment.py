@@ -18,7 +18,7 @@ from subspace_cli.checkpoint import (
     resolve_spec,
 )
 from subspace_cli.data import TrainingData
-from subspace_cli.errors import InputError, PluginError, SubspaceError
+from subspace_cli.errors import CheckpointError, InputError, PluginError, SubspaceError
 from subspace_cli.limits import BuildLimits, data_size
 from subspace_cli.plugins import resolve_factory
 
@@ -179,11 +179,28 @@ def load_experiment(
     model = build_model(spec.model, spec.model_config, from_user=spec.model_from_user,
                         limits=overrides.limits, against=header)
     ckpt = read_checkpoint(path)
+    check_finite_weights(ckpt)
     load_state_strict(model, ckpt)
     data = None
     if need_data:
         data = (data_cache or DataCache()).get(spec, overrides.limits)
     return Experiment(ckpt, spec, model, data)
+
+
+def check_finite_weights(ckpt: Checkpoint) -> None:
+    """Refuse a checkpoint whose floating-point tensors hold NaN or ±inf: the file is bad
+    input (its training diverged before it was saved), not an overflow of ours."""
+    import torch
+
+    for name, tensor in sorted(ckpt.tensors.items()):
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise CheckpointError(
+                    f"{ckpt.path}: tensor {name} holds {bad:,} non-finite value"
+                    f"{'s' if bad > 1 else ''} (NaN or ±inf) of {tensor.numel():,}: the "
+                    "weights were saved after training diverged, or the file is damaged"
+                )
 
 
 def describe_checkpoint(path: Path, overrides: SpecOverrides) -> dict[str, Any]:
@@ -194,11 +211,11 @@ def describe_checkpoint(path: Path, overrides: SpecOverrides) -> dict[str, Any]:
     from subspace_cli.errors import CheckpointError
     from subspace_cli.plugins import GROUPS, discover
 
-    ckpt = read_checkpoint(path)
+    ckpt = read_header(path)  # tensors are read (and hashed) only once they match the model
     report: dict[str, Any] = {
         "checkpoint": str(path),
         "format": "safetensors" if path.suffix.lower() == ".safetensors" else "torch",
-        "sha256": ckpt.sha256(),
+        "sha256": None,
         "metadata": dict(sorted(ckpt.metadata.items())),
         "n_tensors": len(ckpt.tensors),
         "n_elements": ckpt.n_elements,
@@ -227,7 +244,9 @@ def describe_checkpoint(path: Path, overrides: SpecOverrides) -> dict[str, Any]:
             }
         built = build_model(spec.model, spec.model_config, from_user=spec.model_from_user,
                             limits=overrides.limits, against=ckpt)
-        load_state_strict(built, ckpt)
+        full = read_checkpoint(path)
+        load_state_strict(built, full)
+        report["sha256"] = full.sha256()
         report.update(
             {
                 "model": spec.model,
@@ -241,6 +260,8 @@ def describe_checkpoint(path: Path, overrides: SpecOverrides) -> dict[str, Any]:
                 "weights_load": True,
             }
         )
+    if report["sha256"] is None:
+        report["sha256"] = read_checkpoint(path).sha256()
     report["tensors"] = [
         {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
         for name, t in sorted(ckpt.tensors.items())

@@ -33,7 +33,7 @@ import numpy as np
 
 from subspace_cli import locking
 from subspace_cli.checkpoint import publish, temporary_sibling
-from subspace_cli.errors import InputError, UsageError, refusals_reported
+from subspace_cli.errors import InputError, UsageError, refusals_reported, storage_error
 
 FORMAT_NAME = "subspace-spectra"
 FORMAT_VERSION = "1.1"
@@ -140,6 +140,9 @@ def _open(path: Path, mode: str = "r") -> Any:
     try:
         f = h5py.File(os.path.realpath(path), mode)
     except OSError as exc:
+        refused = storage_error(exc, path, "open")  # the environment's refusal, not the file's
+        if refused is not None:
+            raise refused from exc
         raise InputError(f"{path}: not a readable HDF5 file ({exc})") from exc
     try:
         _check_root(f, path)
