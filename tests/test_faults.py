@@ -182,32 +182,31 @@ def test_a_second_interrupt_before_any_checkpoint_leaves_no_half_made_run(tmp_pa
 
 def test_interrupts_at_random_moments_always_stop_the_run(tmp_path, start,
                                                           fake_plugin):  # noqa: F811
-    """None is swallowed: each of three runs, signalled at a random moment after its first
-    checkpoint, stops with 130 and leaves a resumable directory."""
+    """None is swallowed: each of two runs, signalled at a random moment after its first
+    checkpoint, stops with 130 and leaves a resumable directory (one at a time: a run left
+    training would slow the other's start on two cores)."""
     rng = np.random.default_rng(14)
     env = env_with(fake_plugin)
-    runs = [(tmp_path / f"r{i}", cli(["project-train", str(start), "--out", str(tmp_path / f"r{i}"),
-                                      "--steps", "100000", "--save-every", "3", "--log-every",
-                                      "2", *TRAIN], env)) for i in range(3)]
-    try:
-        for run_dir, process in runs:
+    for i in range(2):
+        run_dir = tmp_path / f"r{i}"
+        process = cli(["project-train", str(start), "--out", str(run_dir), "--steps", "100000",
+                       "--save-every", "3", "--log-every", "2", *TRAIN], env)
+        try:
             deadline = time.time() + 120
             while not (run_dir / "last.safetensors").exists() and process.poll() is None and (
                     time.time() < deadline):
                 time.sleep(0.02)
             time.sleep(float(rng.uniform(0, 0.4)))
             process.send_signal(signal.SIGINT)
-        for run_dir, process in runs:
             _, err = process.communicate(timeout=120)
-            assert process.returncode == 130, err
-            step = int(read_checkpoint(run_dir / "last.safetensors").metadata["subspace.run_step"])
-            steps = runlog.read(run_dir / "run.h5")["log"]["step"]
-            assert list(steps) == list(range(0, step, 2)) or list(steps)[-1] >= step - 2
-    finally:
-        for _, process in runs:
+        finally:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+        assert process.returncode == 130, err
+        step = int(read_checkpoint(run_dir / "last.safetensors").metadata["subspace.run_step"])
+        assert f"saved at step {step}" in err
+        assert list(runlog.read(run_dir / "run.h5")["log"]["step"]) == list(range(0, step, 2))
 
 
 # -- damaged run files -----------------------------------------------------------------------

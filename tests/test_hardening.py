@@ -253,22 +253,20 @@ def test_a_big_tensor_under_a_wrong_name_is_refused_before_it_is_read(tmp_path):
         "import sys\n"
         "from click.testing import CliRunner\n"
         "from subspace_cli.cli import main\n"
-        "result = CliRunner().invoke(main, ['inspect', sys.argv[1]])\n"
-        "print('refused:' if result.exit_code == 2 else 'loaded', result.stderr.strip())\n"
-        # VmHWM: this process's own peak (ru_maxrss keeps the parent's across exec)
-        "print([line.split()[1] for line in open('/proc/self/status')\n"
-        "       if line.startswith('VmHWM:')][0])\n"
+        "def peak():  # VmHWM: this process's own peak (ru_maxrss keeps the parent's)\n"
+        "    return [int(line.split()[1]) * 1024 for line in open('/proc/self/status')\n"
+        "            if line.startswith('VmHWM:')][0]\n"
+        "for path in sys.argv[1:]:\n"
+        "    result = CliRunner().invoke(main, ['inspect', path])\n"
+        "    print(result.exit_code, result.stderr.strip())\n"
+        "    print(peak())\n"
     )
-
-    def peak(path):
-        out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
-                             text=True, check=True).stdout.splitlines()
-        return out[0], int(out[-1]) * 1024
-
-    verdict, used = peak(wrong)
-    assert verdict.startswith("refused:") and "unexpected net.0.weight_renamed" in verdict
-    baseline_verdict, baseline = peak(SAMPLE)
-    assert baseline_verdict.startswith("loaded")
+    # the matching sample first: the peak that inspecting any checkpoint reaches
+    lines = subprocess.run([sys.executable, "-c", script, str(SAMPLE), str(wrong)],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert lines[0] == "0 "
+    assert lines[2].startswith("2 ") and "unexpected net.0.weight_renamed" in lines[2]
+    baseline, used = int(lines[1]), int(lines[3])
     assert used - baseline < 32 * 2**20, (used, baseline)  # far less than the 96 MiB tensor
 
 
