@@ -307,6 +307,8 @@ def parse_json_object(text: str, what: str) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{what} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise UsageError(f"{what} is nested too deeply to be a config") from None
     if not isinstance(value, dict):
         raise UsageError(f"{what} must be a JSON object, got {type(value).__name__}")
     return value

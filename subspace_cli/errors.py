@@ -124,3 +124,27 @@ def refusals_reported(path: os.PathLike[str] | str, action: str, after: str = ""
             raise
         refused.args = (f"{refused}{after}",)
         raise refused from exc
+
+
+#: What a reader of an untrusted file can raise when the file is damaged: HDF5's errors come as
+#: OSError, KeyError, RuntimeError, ValueError or TypeError; decoding adds UnicodeDecodeError;
+#: a size field gone wild, MemoryError or OverflowError.
+DAMAGE = (OSError, KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError,
+          MemoryError, OverflowError, UnicodeDecodeError)
+
+
+@contextmanager
+def damage_reported(path: os.PathLike[str] | str, what: str) -> Iterator[None]:
+    """Turn a failure inside the block, while reading ``path``, into one :class:`InputError`
+    (``PATH: a damaged WHAT (…)``); our own errors and environment refusals pass as they are."""
+    try:
+        yield
+    except SubspaceError:
+        raise
+    except DAMAGE as exc:
+        refused = storage_error(exc, path, "read")
+        if refused is not None:
+            raise refused from exc
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise InputError(f"{os.fspath(path)}: a damaged {what} ({type(exc).__name__}: "
+                         f"{detail})") from exc

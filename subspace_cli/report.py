@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from subspace_cli.errors import InputError
+from subspace_cli.errors import InputError, damage_reported
 from subspace_cli.inputs import GLOB_CHARS, Input, find_files, glob_paths
 
 MODE_ORDER = {"none": 0, "dom": 1, "bulk": 2, "mix": 3}
@@ -87,10 +87,12 @@ def _h5_format(path: Path) -> str | None:
     import h5py
 
     try:
-        with h5py.File(path, "r", locking=False) as f:
+        with damage_reported(path, "HDF5 file"), h5py.File(path, "r", locking=False) as f:
             value = f.attrs.get("format")
-    except OSError as exc:
-        raise InputError(f"{path} is not an HDF5 file ({exc})") from None
+    except InputError as exc:
+        if not isinstance(exc.__cause__, OSError):
+            raise
+        raise InputError(f"{path} is not an HDF5 file ({exc.__cause__})") from None
     if isinstance(value, bytes):
         value = value.decode()
     return None if value is None else str(value)
@@ -157,29 +159,34 @@ def load_run(run_dir: Path) -> Run:
     file = run_dir / "run.h5"
     try:
         data = runlog.read(file)
-    except InputError:
-        raise
-    except Exception as exc:  # caught in the middle of an append by the running trainer
+    except InputError as exc:  # damaged, or caught in the middle of an append by the trainer
         backup = run_dir / "run.h5.bak"
         if not backup.exists():
-            raise InputError(f"{file} cannot be read ({exc}) and there is no run.h5.bak") from None
-        data = runlog.read(backup)
-        notes.append(f"{file} could not be read ({type(exc).__name__}); used run.h5.bak, "
-                     "which ends at the last checkpoint")
+            raise
+        try:
+            data = runlog.read(backup)
+        except InputError:
+            raise exc from None
+        notes.append(f"{file} could not be read ({exc}); used run.h5.bak, which ends at the "
+                     "last checkpoint")
     stored: dict[str, Any] = {}
     config_file = run_dir / "config.json"
     if config_file.exists():
         try:
             stored = json.loads(config_file.read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             notes.append(f"{config_file} is unreadable ({exc}); grouping by checkpoint path")
+        if not isinstance(stored, dict):
+            notes.append(f"{config_file} is not a JSON object; grouping by checkpoint path")
+            stored = {}
     config = data["config"]
     start = str(config.get("checkpoint", "?"))
     start_step = stored.get("start_step")
     key = stored.get("start_sha256") or _checkpoint_sha256(Path(start)) or f"{start}@{start_step}"
     return Run(path=run_dir, config=config, log=data["log"], start_checkpoint=start,
                start_step=start_step, start_key=key,
-               loss=(stored.get("spec") or {}).get("loss"), notes=notes,
+               loss=spec.get("loss") if isinstance(spec := stored.get("spec"), dict) else None,
+               notes=notes,
                audit=data.get("audit") or {})
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from subspace_cli.checkpoint import publish, temporary_sibling
-from subspace_cli.errors import InputError
+from subspace_cli.errors import InputError, damage_reported
 from subspace_cli.projected import AuditLog, RefreshLog, StepLog
 from subspace_cli.writable import check_space
 
@@ -170,14 +170,17 @@ def read(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: no such file")
     # No file lock: a reader (subspace report) must never make a running trainer's next append
     # fail. A file caught mid-append raises here and the caller falls back to run.h5.bak.
-    with h5py.File(path, "r", locking=False) as f:
+    with damage_reported(path, "run file"), h5py.File(path, "r", locking=False) as f:
         if f.attrs.get("format") != FORMAT_NAME:
             raise InputError(f"{path} is not a {FORMAT_NAME} file")
         major = int(str(f.attrs.get("format_version", "0")).split(".")[0])
         if major > int(FORMAT_VERSION.split(".")[0]):
             raise InputError(f"{path} is a newer {FORMAT_NAME} format; upgrade subspace")
+        config = json.loads(f.attrs["config"])
+        if not isinstance(config, dict):
+            raise InputError(f"{path}: a damaged run file (its config is not a JSON object)")
         return {
-            "config": json.loads(f.attrs["config"]),
+            "config": config,
             "command": str(f.attrs["command"]),
             **{group: _read_table(f[group]) if group in f else {} for group, _ in TABLES},
         }

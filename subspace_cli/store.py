@@ -33,7 +33,13 @@ import numpy as np
 
 from subspace_cli import locking
 from subspace_cli.checkpoint import publish, temporary_sibling
-from subspace_cli.errors import InputError, UsageError, refusals_reported, storage_error
+from subspace_cli.errors import (
+    InputError,
+    UsageError,
+    damage_reported,
+    refusals_reported,
+    storage_error,
+)
 
 FORMAT_NAME = "subspace-spectra"
 FORMAT_VERSION = "1.1"
@@ -184,7 +190,7 @@ def has_group(path: str | os.PathLike[str], checkpoint: str | os.PathLike[str]) 
     p = Path(path)
     if not p.exists():
         return False
-    with _open(p, "r") as f:
+    with damage_reported(p, "spectra file"), _open(p, "r") as f:
         return checkpoint_key(checkpoint) in f
 
 
@@ -194,7 +200,7 @@ def read_subgroup(
     """Attributes and datasets of a result subgroup, or ``None`` when absent."""
     p = Path(path)
     key = checkpoint_key(checkpoint)
-    with _open(p, "r") as f:
+    with damage_reported(p, "spectra file"), _open(p, "r") as f:
         if key not in f:
             return None
         group = _member(f, p, key)
@@ -212,7 +218,7 @@ def read_subgroups(
 
     p = Path(path)
     found = {}
-    with _open(p, "r") as f:
+    with damage_reported(p, "spectra file"), _open(p, "r") as f:
         for key in f:
             group = _member(f, p, key)
             if isinstance(group, h5py.Group) and name in group:
@@ -272,7 +278,7 @@ def iter_spectra(path: str | os.PathLike[str]) -> Iterator[Spectrum]:
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file")
-    with _open(p, "r") as f:
+    with damage_reported(p, "spectra file"), _open(p, "r") as f:
         groups = [(name, _member(f, p, name)) for name in f]
         groups = [(n, g) for n, g in groups if g.attrs.get("encoding-type") == GROUP_ENCODING]
         groups.sort(key=lambda item: str(_decode(item[1].attrs.get("created", ""))))
@@ -292,7 +298,7 @@ def read_spectrum(
     if not p.exists():
         raise InputError(f"{p}: no such file")
     key = checkpoint_key(checkpoint)
-    with _open(p, "r") as f:
+    with damage_reported(p, "spectra file"), _open(p, "r") as f:
         if key in f:
             return _read_group(_member(f, p, key), key)
         if sha256 is not None:
@@ -429,7 +435,7 @@ def _update(path: Path, change: Callable[[_Update], None]) -> None:
 def _update_locked(path: Path, change: Callable[[_Update], None]) -> None:
     real = Path(os.path.realpath(path))
     if real.exists():
-        with _open(path, "r"):
+        with damage_reported(path, "spectra file"), _open(path, "r"):
             pass  # refuses files that are not spectra files before anything is written
     real.parent.mkdir(parents=True, exist_ok=True)
     directory = sidecar(real)
@@ -439,7 +445,8 @@ def _update_locked(path: Path, change: Callable[[_Update], None]) -> None:
         _remove_stale_temporaries(real)
         update = _Update(path, real)
         try:
-            update.load()
+            with damage_reported(path, "spectra file"):
+                update.load()
             change(update)
             update.commit()
         finally:
