@@ -305,7 +305,7 @@ def parse_json_object(text: str, what: str) -> dict[str, Any]:
     """Parse a JSON object given for ``what`` (an option or metadata key)."""
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or an integer of over 4300 digits
         raise UsageError(f"{what} is not valid JSON: {exc}") from exc
     except RecursionError:
         raise UsageError(f"{what} is nested too deeply to be a config") from None

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from subspace_cli.checkpoint import publish, temporary_sibling
-from subspace_cli.errors import InputError, damage_reported
+from subspace_cli.errors import InputError, damage_reported, read_dataset
 from subspace_cli.projected import AuditLog, RefreshLog, StepLog
 from subspace_cli.writable import check_space
 
@@ -154,7 +154,7 @@ def _usable(path: Path) -> bool:
 
     try:
         with h5py.File(path, "r", locking=False) as f:
-            _ = f[LOG]["step"][()]
+            _ = read_dataset(f[LOG]["step"])
             int(json.loads(f.attrs["config"])["k"])
     except Exception:  # any damage at all: the caller falls back or refuses
         return False
@@ -189,6 +189,6 @@ def read(path: Path) -> dict[str, Any]:
 def _read_table(group: Any) -> dict[str, np.ndarray]:
     import h5py
 
-    return {name: (group[name].asstr()[()].astype(str)
-                   if h5py.check_string_dtype(group[name].dtype) else group[name][()])
+    return {name: (read_dataset(group[name]).astype(str)
+                   if h5py.check_string_dtype(group[name].dtype) else read_dataset(group[name]))
             for name in group}

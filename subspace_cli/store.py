@@ -37,6 +37,7 @@ from subspace_cli.errors import (
     InputError,
     UsageError,
     damage_reported,
+    read_dataset,
     refusals_reported,
     storage_error,
 )
@@ -237,7 +238,7 @@ def _read_subgroup(sub: Any, where: str) -> tuple[dict[str, Any], dict[str, np.n
                 f"{where} has {kind} encoding {version}, newer than this subspace reads "
                 f"({known}); upgrade subspace"
             )
-    return attrs, {k: sub[k][()] for k in sub}
+    return attrs, {k: read_dataset(sub[k]) for k in sub}
 
 
 def _decode(value: Any) -> Any:
@@ -256,17 +257,17 @@ def _read_group(g: Any, name: str) -> Spectrum:
             f"group {name} has spectrum encoding {version}, newer than this subspace reads; "
             "upgrade subspace"
         )
-    offsets = [int(v) for v in g["param_offsets"][()]]
+    offsets = [int(v) for v in read_dataset(g["param_offsets"])]
     return Spectrum(
         checkpoint=attrs.pop("checkpoint"),
         checkpoint_sha256=attrs.pop("checkpoint_sha256"),
         k=int(attrs.pop("k")),
-        eigenvalues=g["eigenvalues"][()],
-        eigenvectors=g["eigenvectors"][()],
-        residuals=g["residuals"][()],
-        converged=g["converged"][()],
-        param_names=[_decode(v) for v in g["param_names"][()]],
-        param_shapes=[tuple(json.loads(_decode(v))) for v in g["param_shapes"][()]],
+        eigenvalues=read_dataset(g["eigenvalues"]),
+        eigenvectors=read_dataset(g["eigenvectors"]),
+        residuals=read_dataset(g["residuals"]),
+        converged=read_dataset(g["converged"]),
+        param_names=[_decode(v) for v in read_dataset(g["param_names"])],
+        param_shapes=[tuple(json.loads(_decode(v))) for v in read_dataset(g["param_shapes"])],
         param_offsets=offsets[:-1],
         attrs=attrs,
         group=name,
