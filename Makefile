@@ -7,6 +7,15 @@
 # to the first pip line too.
 # `make test` runs the suite on up to 4 processes (pytest-xdist, in the dev extra; one per CPU
 # core); plain `pytest` runs it in one.
+# pip byte-compiles every module it installs, one at a time (torch alone has thousands: ~40 s);
+# --no-compile skips that, and two processes then import what the tool and its tests use, in
+# parallel, writing bytecode only for those modules (PYTHONDONTWRITEBYTECODE, which some
+# environments set, is cleared for that step alone). Modules imported later are compiled on
+# first use as usual.
+WARM_TORCH := torch, torch.func, torch._dynamo, torch.distributed, safetensors.torch, \
+	subspace_cli.cli, subspace_cli.spectrum, subspace_cli.projected
+WARM_REST := scipy.sparse.linalg, scipy.optimize, scipy.stats, sklearn.datasets, mnist1d, h5py, \
+	matplotlib.pyplot, rich.progress, tabulate, sympy, pytest, xdist, hypothesis
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -18,8 +27,11 @@ SAMPLE := sample_checkpoints/mlp_mnist1d.safetensors
 $(STAMP): pyproject.toml plugins/pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 'setuptools>=77'
-	$(BIN)/python -m pip install -q --no-build-isolation torch==2.13.0 -e '.[dev]' \
+	$(BIN)/python -m pip install -q --no-compile --no-build-isolation torch==2.13.0 -e '.[dev]' \
 		-e './plugins[datasets]'
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -c 'import $(WARM_TORCH)' & \
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -c 'import $(WARM_REST)'; \
+	status=$$?; wait $$! && exit $$status
 	touch $(STAMP)
 
 install: $(STAMP)
