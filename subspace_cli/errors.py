@@ -160,9 +160,8 @@ def read_dataset(dataset: Any) -> Any:
     if claimed > 16 * size + (1 << 20):
         raise InputError(f"{path}: a damaged file (dataset {dataset.name} claims "
                          f"{claimed:,} bytes in a file of {size:,})")
-    if dataset.dtype.kind == "O" or dataset.dtype.metadata:  # variable-length strings
-        import h5py
+    import h5py
 
-        if h5py.check_string_dtype(dataset.dtype) is not None:
-            return dataset.asstr()[()]
+    if h5py.check_string_dtype(dataset.dtype) is not None:
+        return dataset.asstr()[()]  # an object array of str
     return dataset[()]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -148,16 +147,9 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _write_config(run_dir: Path, stored: dict[str, Any]) -> None:
-    from subspace_cli.checkpoint import publish, temporary_sibling
+    from subspace_cli.report import write_text
 
-    target = run_dir / "config.json"
-    tmp = temporary_sibling(target)
-    try:
-        Path(tmp).write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
-        publish(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text(run_dir / "config.json", json.dumps(stored, indent=2, sort_keys=True) + "\n")
 
 
 def _locked(run_dir: Path) -> Any:

@@ -187,8 +187,6 @@ def read(path: Path) -> dict[str, Any]:
 
 
 def _read_table(group: Any) -> dict[str, np.ndarray]:
-    import h5py
-
-    return {name: (read_dataset(group[name]).astype(str)
-                   if h5py.check_string_dtype(group[name].dtype) else read_dataset(group[name]))
-            for name in group}
+    tables = {name: read_dataset(group[name]) for name in group}
+    return {name: values.astype(str) if values.dtype == object else values
+            for name, values in tables.items()}

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from subspace_cli.errors import StorageError, UsageError, storage_error
+from subspace_cli.errors import StorageError, UsageError, refusals_reported
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -37,13 +37,8 @@ def check_writable(path: str | os.PathLike[str], *, directory: bool = False) -> 
         raise UsageError(f"cannot write {given}: {holder} is not a directory")
     if not directory and real.exists() and not os.access(real, os.W_OK):
         raise StorageError(f"cannot write {given}: the file is read-only (chmod u+w to allow it)")
-    try:
+    with refusals_reported(given, "write"):
         fd, probe = tempfile.mkstemp(prefix=".subspace-probe.", suffix=".tmp", dir=holder)
-    except OSError as exc:
-        refused = storage_error(exc, given, "write")
-        if refused is None:
-            raise
-        raise refused from exc
     os.close(fd)
     os.unlink(probe)
 

@@ -42,6 +42,13 @@ def cli(args, env, **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+def wait_for(path, process, seconds=120):
+    """Until ``path`` exists, or ``process`` ends, or ``seconds`` pass."""
+    deadline = time.time() + seconds
+    while not path.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+
+
 TRAIN = ["--mode", "bulk", "-k", "2", "--batch-size", "4", "--lr", "0.02", "--dtype", "float64",
          "--optimizer", "momentum"]
 
@@ -94,10 +101,7 @@ def test_a_second_resume_of_a_live_run_is_refused_and_rows_stay_unique(tmp_path,
     live = cli(["project-train", str(start), "--out", str(run_dir), "--steps", "100000",
                 "--save-every", "2", *TRAIN], env)
     try:
-        marker = run_dir / "step_0000002.state.safetensors"
-        deadline = time.time() + 120
-        while not marker.exists() and live.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
+        wait_for(run_dir / "step_0000002.state.safetensors", live)
         assert live.poll() is None, live.communicate()[1]
         second = run_cli("project-train", "--resume", str(run_dir))
         assert second.exit_code == 2
@@ -192,10 +196,7 @@ def test_interrupts_at_random_moments_always_stop_the_run(tmp_path, start,
         process = cli(["project-train", str(start), "--out", str(run_dir), "--steps", "100000",
                        "--save-every", "3", "--log-every", "2", *TRAIN], env)
         try:
-            deadline = time.time() + 120
-            while not (run_dir / "last.safetensors").exists() and process.poll() is None and (
-                    time.time() < deadline):
-                time.sleep(0.02)
+            wait_for(run_dir / "last.safetensors", process)
             time.sleep(float(rng.uniform(0, 0.4)))
             process.send_signal(signal.SIGINT)
             _, err = process.communicate(timeout=120)
