@@ -11,7 +11,6 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 #: Exit codes, documented in ``subspace --help`` and the README.
 EXIT_OK = 0
@@ -149,19 +148,3 @@ def damage_reported(path: os.PathLike[str] | str, what: str) -> Iterator[None]:
         detail = (str(exc).strip().splitlines() or [""])[0][:200]
         raise InputError(f"{os.fspath(path)}: a damaged {what} ({type(exc).__name__}: "
                          f"{detail})") from exc
-
-
-def read_dataset(dataset: Any) -> Any:
-    """All of an HDF5 dataset, refused (:class:`InputError`) when its header claims more bytes
-    than its file could hold: a damaged size field would otherwise have HDF5 fill terabytes."""
-    path = dataset.file.filename
-    size = os.path.getsize(path)
-    claimed = int(dataset.size) * max(1, int(dataset.dtype.itemsize))
-    if claimed > 16 * size + (1 << 20):
-        raise InputError(f"{path}: a damaged file (dataset {dataset.name} claims "
-                         f"{claimed:,} bytes in a file of {size:,})")
-    import h5py
-
-    if h5py.check_string_dtype(dataset.dtype) is not None:
-        return dataset.asstr()[()]  # an object array of str
-    return dataset[()]

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from subspace_cli.errors import InputError, damage_reported
+from subspace_cli.hdf5 import isolated
 from subspace_cli.inputs import GLOB_CHARS, Input, find_files, glob_paths
 
 MODE_ORDER = {"none": 0, "dom": 1, "bulk": 2, "mix": 3}
@@ -83,6 +84,7 @@ class SpectraEntry:
     alignment: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
 
 
+@isolated("HDF5 file")
 def _h5_format(path: Path) -> str | None:
     import h5py
 

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from subspace_cli.checkpoint import publish, temporary_sibling
-from subspace_cli.errors import InputError, damage_reported, read_dataset
+from subspace_cli.errors import InputError, damage_reported
+from subspace_cli.hdf5 import isolated, read_dataset, walk
 from subspace_cli.projected import AuditLog, RefreshLog, StepLog
 from subspace_cli.writable import check_space
 
@@ -137,6 +138,7 @@ def truncate_for_resume(path: Path, step: int) -> None:
                              "checkpoints are intact, its log is not (start a new run from "
                              "its last checkpoint)")
         _copy_atomically(bak, path)
+    walk(path)  # all of it reads (HDF5 rewrites what it touches below)
     with h5py.File(path, "a") as f:
         _ensure_layout(f, int(json.loads(f.attrs["config"])["k"]))
         f.attrs["format_version"] = FORMAT_VERSION
@@ -150,6 +152,14 @@ def truncate_for_resume(path: Path, step: int) -> None:
 
 def _usable(path: Path) -> bool:
     """Whether ``path`` opens as a run file whose log and config read."""
+    try:
+        return _readable(path)
+    except InputError:  # it hung, crashed or took too much memory in the watchdog child
+        return False
+
+
+@isolated("run file")
+def _readable(path: Path) -> bool:
     import h5py
 
     try:
@@ -161,6 +171,7 @@ def _usable(path: Path) -> bool:
     return True
 
 
+@isolated("run file")
 def read(path: Path) -> dict[str, Any]:
     """Config, command and the three tables of a run file as NumPy arrays (a table that a 1.0
     file lacks is an empty dict)."""

@@ -31,16 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from subspace_cli import locking
+from subspace_cli import hdf5, locking
 from subspace_cli.checkpoint import publish, temporary_sibling
 from subspace_cli.errors import (
     InputError,
     UsageError,
     damage_reported,
-    read_dataset,
     refusals_reported,
     storage_error,
 )
+from subspace_cli.hdf5 import read_dataset
 
 FORMAT_NAME = "subspace-spectra"
 FORMAT_VERSION = "1.1"
@@ -77,6 +77,7 @@ def checkpoint_key(path: str | os.PathLike[str]) -> str:
     return text.replace("%", "%25").replace("/", "%2F")
 
 
+@hdf5.transferable
 @dataclass
 class Spectrum:
     """One checkpoint's eigenpairs as stored (rows of ``eigenvectors`` are eigenvectors)."""
@@ -103,6 +104,19 @@ def sidecar(path: str | os.PathLike[str]) -> Path:
     """The directory that holds the group files of the spectra file ``path``."""
     p = Path(path)
     return p.with_name(p.name + SIDECAR_SUFFIX)
+
+
+def _extent(path: Path) -> int:
+    """The bytes a reader of the spectra file ``path`` may touch: it and its group files."""
+    total = hdf5.file_size(path)
+    directory = sidecar(os.path.realpath(path))
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        total += sum(e.stat().st_size for e in entries if e.is_file(follow_symlinks=False))
+    return total
+
+
+#: Every reader of a spectra file runs in a watchdog child (:mod:`subspace_cli.hdf5`).
+_isolated = hdf5.isolated("spectra file", _extent)
 
 
 def _major(version: str, what: str) -> int:
@@ -187,6 +201,7 @@ def _link_target(index: Path, filename: str) -> Path:
     return target if target.is_absolute() else index.parent / target
 
 
+@_isolated
 def has_group(path: str | os.PathLike[str], checkpoint: str | os.PathLike[str]) -> bool:
     p = Path(path)
     if not p.exists():
@@ -195,6 +210,7 @@ def has_group(path: str | os.PathLike[str], checkpoint: str | os.PathLike[str]) 
         return checkpoint_key(checkpoint) in f
 
 
+@_isolated
 def read_subgroup(
     path: str | os.PathLike[str], checkpoint: str | os.PathLike[str], name: str
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
@@ -210,6 +226,7 @@ def read_subgroup(
         return _read_subgroup(group[name], f"{p}: {key}/{name}")
 
 
+@_isolated
 def read_subgroups(
     path: str | os.PathLike[str], name: str
 ) -> dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]:
@@ -279,14 +296,19 @@ def iter_spectra(path: str | os.PathLike[str]) -> Iterator[Spectrum]:
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file")
+    yield from _read_spectra(p)
+
+
+@_isolated
+def _read_spectra(p: Path) -> list[Spectrum]:
     with damage_reported(p, "spectra file"), _open(p, "r") as f:
         groups = [(name, _member(f, p, name)) for name in f]
         groups = [(n, g) for n, g in groups if g.attrs.get("encoding-type") == GROUP_ENCODING]
         groups.sort(key=lambda item: str(_decode(item[1].attrs.get("created", ""))))
-        spectra = [_read_group(g, name) for name, g in groups]
-    yield from spectra
+        return [_read_group(g, name) for name, g in groups]
 
 
+@_isolated
 def read_spectrum(
     path: str | os.PathLike[str], checkpoint: str | os.PathLike[str], sha256: str | None = None
 ) -> Spectrum | None:
@@ -366,6 +388,7 @@ def write_subgroup(
         if key not in update.links:
             raise UsageError(f"{p} holds no spectrum of {checkpoint} to attach {name} to")
         filename, inner = update.links[key]
+        hdf5.walk(_link_target(update.real, filename))  # HDF5 copies from it below
         with h5py.File(_link_target(update.real, filename), "r") as src:
             source = src[inner]
             if name in source and not overwrite:
@@ -436,8 +459,7 @@ def _update(path: Path, change: Callable[[_Update], None]) -> None:
 def _update_locked(path: Path, change: Callable[[_Update], None]) -> None:
     real = Path(os.path.realpath(path))
     if real.exists():
-        with damage_reported(path, "spectra file"), _open(path, "r"):
-            pass  # refuses files that are not spectra files before anything is written
+        _check_spectra_file(path)  # refuses other files before anything is written
     real.parent.mkdir(parents=True, exist_ok=True)
     directory = sidecar(real)
     directory.mkdir(exist_ok=True)
@@ -452,6 +474,31 @@ def _update_locked(path: Path, change: Callable[[_Update], None]) -> None:
             update.commit()
         finally:
             update.clean_up()
+
+
+@_isolated
+def _check_spectra_file(path: Path) -> None:
+    with damage_reported(path, "spectra file"), _open(path, "r"):
+        pass
+
+
+@_isolated
+def _read_index(real: Path) -> tuple[dict[str, Any], dict[str, tuple[str, str]], list[str]]:
+    """The root attributes of the spectra file ``real``, its external links (name: (file,
+    path)) and the names of its inline groups (a 1.0 file's)."""
+    import h5py
+
+    links: dict[str, tuple[str, str]] = {}
+    inline: list[str] = []
+    with h5py.File(real, "r") as f:
+        attrs = dict(f.attrs.items())
+        for name in f:
+            link = f.get(name, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                links[name] = (link.filename, link.path)
+            else:
+                inline.append(name)
+    return attrs, links, inline
 
 
 def _group_file_name(key: str) -> str:
@@ -484,19 +531,10 @@ class _Update:
 
     def load(self) -> None:
         """Read the current index; a 1.0 file's inline groups become links into a hard link of it."""
-        import h5py
-
         if not self.real.exists():
             return
-        inline = []
-        with h5py.File(self.real, "r") as f:
-            self.attrs = dict(f.attrs.items())
-            for name in f:
-                link = f.get(name, getlink=True)
-                if isinstance(link, h5py.ExternalLink):
-                    self.links[name] = (link.filename, link.path)
-                else:
-                    inline.append(name)
+        self.attrs, links, inline = _read_index(self.real)
+        self.links.update(links)
         self.old_files = {filename for filename, _ in self.links.values()}
         if inline:
             legacy = self._adopt_inline_file()

@@ -251,22 +251,26 @@ def _hold_open(path: Path, locking: bool) -> subprocess.Popen:
     return reader
 
 
-def test_reading_does_not_lock_out_a_writer(runs, monkeypatch):
+def test_reading_does_not_lock_out_a_writer(runs, monkeypatch, tmp_path):
     """report reads run.h5 without the HDF5 lock, so a running trainer's append still works."""
     from subspace_cli.projected import RefreshLog
     from subspace_cli.report import load_run
 
-    opened: list[object] = []  # runlog.read must open the way the second reader below does
+    # runlog.read must open the way the second reader below does; it reads in a watchdog
+    # child (subspace_cli.hdf5), so the opens are recorded in a file
+    record = tmp_path / "opened"
     h5_file = h5py.File
 
     def recording_file(*args, **kwargs):
-        opened.append(kwargs.get("locking"))
+        with open(record, "a") as f:
+            f.write(f"{kwargs.get('locking')}\n")
         return h5_file(*args, **kwargs)
 
     with monkeypatch.context() as patch:
         patch.setattr(h5py, "File", recording_file)
         load_run(runs["bulk"])
-    assert opened and all(locking is False for locking in opened)
+    opened = record.read_text().split()
+    assert opened and all(locking == "False" for locking in opened)
 
     path = runs["bulk"] / "run.h5"
     row = RefreshLog(step=99, reason="interval", age=4, hvps=1, seconds=0.1, max_residual=0.0,
