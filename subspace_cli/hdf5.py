@@ -136,14 +136,21 @@ def walk(path: Path) -> None:
     of a file before HDF5 copies from it or appends to it in this process."""
     import h5py
 
+    with damage_reported(path, "HDF5 file"), h5py.File(path, "r", locking=False) as f:
+        read_all(f)
+
+
+def read_all(f: Any) -> None:
+    """Read (and drop) every attribute and dataset of the open HDF5 file ``f``."""
+    import h5py
+
     def visit(_name: str, item: Any) -> None:
         dict(item.attrs.items())
         if isinstance(item, h5py.Dataset):
             read_dataset(item)
 
-    with damage_reported(path, "HDF5 file"), h5py.File(path, "r", locking=False) as f:
-        dict(f.attrs.items())
-        f.visititems(visit)
+    dict(f.attrs.items())
+    f.visititems(visit)
 
 
 # ------------------------------------------------------------------------------ the watchdog

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from subspace_cli.errors import InputError, damage_reported
-from subspace_cli.hdf5 import isolated
+from subspace_cli.hdf5 import isolated, transferable
 from subspace_cli.inputs import GLOB_CHARS, Input, find_files, glob_paths
 
 MODE_ORDER = {"none": 0, "dom": 1, "bulk": 2, "mix": 3}
@@ -70,6 +70,7 @@ class Run:
         return prefix + opt
 
 
+@transferable
 @dataclass
 class SpectraEntry:
     """One checkpoint's spectrum in a spectra file, with its alignment results if stored."""
@@ -205,6 +206,13 @@ def _checkpoint_sha256(path: Path) -> str | None:
         return None
 
 
+def _spectra_extent(path: Path) -> int:
+    from subspace_cli import store
+
+    return store.extent(path)
+
+
+@isolated("spectra file", _spectra_extent)  # one child for both reads; no eigenvectors travel
 def load_spectra(path: Path) -> list[SpectraEntry]:
     """Every spectrum of a spectra file, with its full-Hessian alignment subgroup if any."""
     from subspace_cli import store

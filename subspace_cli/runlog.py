@@ -21,7 +21,7 @@ import numpy as np
 
 from subspace_cli.checkpoint import publish, temporary_sibling
 from subspace_cli.errors import InputError, damage_reported
-from subspace_cli.hdf5 import isolated, read_dataset, walk
+from subspace_cli.hdf5 import isolated, read_all, read_dataset
 from subspace_cli.projected import AuditLog, RefreshLog, StepLog
 from subspace_cli.writable import check_space
 
@@ -138,8 +138,7 @@ def truncate_for_resume(path: Path, step: int) -> None:
                              "checkpoints are intact, its log is not (start a new run from "
                              "its last checkpoint)")
         _copy_atomically(bak, path)
-    walk(path)  # all of it reads (HDF5 rewrites what it touches below)
-    with h5py.File(path, "a") as f:
+    with h5py.File(path, "a") as f:  # all of it was read by _usable, in the watchdog child
         _ensure_layout(f, int(json.loads(f.attrs["config"])["k"]))
         f.attrs["format_version"] = FORMAT_VERSION
         for group_name, _ in TABLES:
@@ -151,7 +150,8 @@ def truncate_for_resume(path: Path, step: int) -> None:
 
 
 def _usable(path: Path) -> bool:
-    """Whether ``path`` opens as a run file whose log and config read."""
+    """Whether ``path`` opens as a run file whose config reads and whose every attribute and
+    dataset reads (HDF5 rewrites some of them when a resume appends)."""
     try:
         return _readable(path)
     except InputError:  # it hung, crashed or took too much memory in the watchdog child
@@ -164,6 +164,7 @@ def _readable(path: Path) -> bool:
 
     try:
         with h5py.File(path, "r", locking=False) as f:
+            read_all(f)
             _ = read_dataset(f[LOG]["step"])
             int(json.loads(f.attrs["config"])["k"])
     except Exception:  # any damage at all: the caller falls back or refuses

@@ -106,7 +106,7 @@ def sidecar(path: str | os.PathLike[str]) -> Path:
     return p.with_name(p.name + SIDECAR_SUFFIX)
 
 
-def _extent(path: Path) -> int:
+def extent(path: Path) -> int:
     """The bytes a reader of the spectra file ``path`` may touch: it and its group files."""
     total = hdf5.file_size(path)
     directory = sidecar(os.path.realpath(path))
@@ -116,7 +116,7 @@ def _extent(path: Path) -> int:
 
 
 #: Every reader of a spectra file runs in a watchdog child (:mod:`subspace_cli.hdf5`).
-_isolated = hdf5.isolated("spectra file", _extent)
+_isolated = hdf5.isolated("spectra file", extent)
 
 
 def _major(version: str, what: str) -> int:
