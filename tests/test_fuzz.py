@@ -919,7 +919,7 @@ except Exception:
 def _unguarded_outcome(path: Path, kind: str) -> str:
     try:
         status = subprocess.run([sys.executable, "-c", UNGUARDED_SOURCE, str(path), kind],
-                                capture_output=True, timeout=3).returncode
+                                capture_output=True, timeout=2).returncode
     except subprocess.TimeoutExpired:
         return "hung"
     return f"killed by {signal.Signals(-status).name}" if status < 0 else f"exit {status}"
