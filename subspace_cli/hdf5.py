@@ -162,7 +162,13 @@ def _in_watchdog(path: Path, what: str, extent: int, call: Callable[[], Any]) ->
     deadline_s = timeout(extent)
     budget = memory_budget(extent)
     read_end, write_end = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as exc:  # no memory or no process slot left: the environment's refusal
+        os.close(read_end)
+        os.close(write_end)
+        raise SubspaceError(f"cannot read {path}: no process could be started to read it "
+                            f"({exc.strerror})") from exc
     if pid == 0:  # the child: never returns
         os.close(read_end)
         _child(write_end, call, budget)
@@ -204,6 +210,14 @@ def _in_watchdog(path: Path, what: str, extent: int, call: Callable[[], Any]) ->
     if len(answer) < _HEADER.size or os.WEXITSTATUS(status) != 0:
         raise InputError(f"{damaged} (its reader exited with status {os.WEXITSTATUS(status)} "
                          "and no answer)")
+    try:
+        return _answer(answer, budget, damaged, path)
+    except (ValueError, KeyError, TypeError, IndexError, StopIteration) as exc:
+        raise InputError(f"{damaged} (its reader's answer was unreadable: {exc})") from exc
+
+
+def _answer(answer: bytearray, budget: int, damaged: str, path: Path) -> Any:
+    """The result in a child's answer, or the error it reports, raised."""
     (length,) = _HEADER.unpack_from(answer)
     message = json.loads(bytes(answer[_HEADER.size:_HEADER.size + length]))
     outcome = message["outcome"]

@@ -221,3 +221,23 @@ def test_a_missing_file_is_the_readers_own_business(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         reader(tmp_path / "absent.h5")
     assert calls == [os.getpid()]  # no child for a file that is not there
+
+
+def test_no_process_for_the_watchdog_is_one_line_not_a_bug(target, monkeypatch):
+    import errno
+
+    from subspace_cli.errors import SubspaceError
+
+    def no_fork():
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    @hdf5.isolated("run file")
+    def reader(path: Path) -> int:
+        return 1
+
+    monkeypatch.setattr(hdf5.os, "fork", no_fork)
+    with pytest.raises(SubspaceError) as e:
+        reader(target)
+    assert e.value.exit_code == 2
+    assert str(e.value) == (f"cannot read {target}: no process could be started to read it "
+                            f"({os.strerror(errno.EAGAIN)})")
