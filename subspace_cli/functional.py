@@ -106,6 +106,52 @@ def select_parameters(
     return ParameterLayout.from_shapes(selected)
 
 
+@dataclass(frozen=True)
+class ModeDependence:
+    """The modules of a model whose output depends on train/eval mode.
+
+    ``batch_statistics``: BatchNorm (and InstanceNorm with running statistics), which in train
+    mode normalise by the statistics of the batch they see and update their running ones;
+    ``dropout``: dropout modules with p > 0, which in train mode draw random masks. Modules that
+    call ``torch.nn.functional.dropout`` or ``batch_norm`` themselves are not seen.
+    """
+
+    batch_statistics: tuple[str, ...] = ()
+    dropout: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.batch_statistics or self.dropout)
+
+
+def mode_dependence(model: torch.nn.Module) -> ModeDependence:
+    """Which of ``model``'s modules behave differently in train and eval mode."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.dropout import _DropoutNd
+    from torch.nn.modules.instancenorm import _InstanceNorm
+
+    statistics, dropout = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) or (
+                isinstance(module, _InstanceNorm) and module.track_running_stats):
+            statistics.append(name or type(module).__name__)
+        elif isinstance(module, _DropoutNd) and module.p > 0:
+            dropout.append(name or type(module).__name__)
+    return ModeDependence(tuple(statistics), tuple(dropout))
+
+
+def check_measurement_mode(model: torch.nn.Module, train_mode: bool, allow_dropout: bool) -> None:
+    """Refuse a measurement in train mode of a model with dropout, unless asked for: each
+    product would draw new masks, so the "Hessian" would not be one fixed symmetric matrix."""
+    dropout = mode_dependence(model).dropout if train_mode else ()
+    if dropout and not allow_dropout:
+        shown = ", ".join(dropout[:4]) + (", ..." if len(dropout) > 4 else "")
+        raise UsageError(
+            f"the model has dropout ({shown}): measured in train mode, every pass would draw "
+            "new random masks and the Hessian would not be a fixed matrix; measure in eval "
+            "mode (leave out --train-mode) or pass --allow-dropout"
+        )
+
+
 @contextmanager
 def module_mode(model: torch.nn.Module, train: bool) -> Iterator[None]:
     """Put every submodule in train or eval mode, restoring each one's own flag afterwards."""

@@ -85,6 +85,8 @@ class TrainConfig:
     device: str = "auto"
     chunk_size: int = 1000
     hvp_method: str = "auto"
+    train_mode: bool = False  # the mode of every measurement (training steps: train mode)
+    allow_dropout: bool = False
 
     def check(self) -> None:
         """Refuse what cannot start a run, before anything is built or written."""
@@ -122,6 +124,46 @@ class TrainConfig:
             tol=self.tol, max_hvps=self.max_hvps, block_size=self.block_size, seed=self.seed,
             audit_tol=self.audit_tol,
         )
+
+
+#: The columns of a logged row measured in the analysis mode, and those of the training step.
+MEASURED = ("train_loss", "train_accuracy", "chi", "sharpness", "eigenvalues", "eta_dom",
+            "eta_bulk", "audit_overlap", "drift_estimate")
+STEPPED = ("minibatch_loss", "chi_update", "update_dom_norm", "update_bulk_norm",
+           "applied_update_norm")
+
+
+def mode_record(config: TrainConfig, dependence: Any) -> dict[str, Any]:
+    """Which mode each logged quantity used (stored in ``run.h5`` as ``modes``)."""
+    measured = "train" if config.train_mode else "eval"
+    chunked = config.train_mode and bool(dependence.batch_statistics)
+    return {
+        "measurements": measured, "measured": list(MEASURED),
+        "training_step": "train", "stepped": list(STEPPED),
+        "batch_statistics": list(dependence.batch_statistics),
+        "dropout": list(dependence.dropout),
+        "chunk_dependent": chunked, "chunk_size": config.chunk_size,
+    }
+
+
+def mode_note(config: TrainConfig, dependence: Any) -> str | None:
+    """One line saying how a model whose behaviour depends on the mode is treated."""
+    if not dependence:
+        return None
+    parts = []
+    if dependence.batch_statistics:
+        parts.append("BatchNorm normalises each step's batch by its statistics and moves its "
+                     "running statistics once per step")
+    if dependence.dropout:
+        parts.append("dropout masks are drawn from --seed and the step")
+    measured = "train" if config.train_mode else "eval"
+    note = (f"note: training steps in train mode ({'; '.join(parts)}); the full-batch loss, "
+            f"accuracy, gradient, χ and the Hessian in {measured} mode, never changing a "
+            "buffer")
+    if config.train_mode and dependence.batch_statistics:
+        note += (f" (in train mode BatchNorm normalises each chunk of {config.chunk_size} "
+                 "samples by its own statistics, so these depend on --chunk-size)")
+    return note
 
 
 # ---------------------------------------------------------------------------- optimizers
@@ -193,41 +235,52 @@ def set_parameters(model: torch.nn.Module, layout: ParameterLayout, theta: torch
 def loss_and_gradient(
     model: torch.nn.Module,
     layout: ParameterLayout,
+    theta: torch.Tensor,
     data: TrainingData,
     loss: str,
     *,
-    chunk_size: int,
+    chunk_size: int | None,
     device: torch.device,
     dtype: torch.dtype,
+    train: bool,
+    update_buffers: bool = False,
     indices: torch.Tensor | None = None,
 ) -> tuple[float, torch.Tensor, float]:
-    """Mean loss, flat gradient and accuracy over ``data`` (or the samples at ``indices``),
-    in chunks, with the model in train mode (as in training)."""
+    """Mean loss, flat gradient and accuracy at ``theta`` over ``data`` (or the samples at
+    ``indices``), in chunks of ``chunk_size`` (``None``: one pass over all of them).
+
+    The model runs in train mode when ``train`` (else eval), on ``theta`` through
+    ``torch.func.functional_call``; its parameters are never written. Its buffers are updated
+    only with ``update_buffers`` (a training step: BatchNorm's running statistics then move
+    once per forward pass); otherwise every pass gets fresh copies, so a measurement never
+    changes the model.
+    """
     import torch
+
+    from subspace_cli.functional import module_mode
 
     if indices is not None:
         x, y = data.take(indices)
         data = TrainingData(num_classes=data.num_classes, x=x, y=y)
-    params = dict(model.named_parameters())
-    selected = [params[name] for name in layout.names]
+    selected = set(layout.names)
+    fixed = {name: p.detach() for name, p in model.named_parameters() if name not in selected}
+    buffers = dict(model.named_buffers())
+    flat = theta.detach().requires_grad_(True)
+    params = layout.unflatten(flat)
     total = torch.zeros(layout.n_params, device=device, dtype=dtype)
     loss_total, correct, count = 0.0, 0, 0
-    was_training = model.training
-    model.train()
-    try:
-        for x, y in iter_chunks(data, chunk_size, None, device, dtype):
-            out = model(x)
+    n = len(data)
+    with module_mode(model, train):
+        for x, y in iter_chunks(data, chunk_size or max(n, 1), None, device, dtype):
+            state = {**fixed, **params, **(buffers if update_buffers else {
+                name: b.clone() for name, b in buffers.items()})}
+            out = torch.func.functional_call(model, state, (x,))
             chunk_loss = loss_sum(loss, out, y)
-            grads = torch.autograd.grad(chunk_loss, selected, allow_unused=True)
-            total += torch.cat([
-                (g if g is not None else torch.zeros_like(p)).reshape(-1)
-                for g, p in zip(grads, selected, strict=True)
-            ])
+            (grad,) = torch.autograd.grad(chunk_loss, flat)
+            total += grad
             loss_total += float(chunk_loss.detach())
             correct += correct_count(out.detach(), y)
             count += len(y)
-    finally:
-        model.train(was_training)
     return loss_total / count, total / count, correct / count
 
 
@@ -348,7 +401,11 @@ class ProjectedTraining:
                  progress: Callable[[ProjectedTraining, StepLog | None], None] | None = None,
                  on_audit: Callable[[AuditLog], None] | None = None,
                  ) -> None:
-        from subspace_cli.functional import select_parameters
+        from subspace_cli.functional import (
+            check_measurement_mode,
+            mode_dependence,
+            select_parameters,
+        )
         from subspace_cli.settings import resolve_device, torch_dtype
 
         config.check()
@@ -359,6 +416,8 @@ class ProjectedTraining:
         self.device = resolve_device(config.device)
         self.dtype = torch_dtype(config.dtype)
         self.model = experiment.model.to(self.device, self.dtype)
+        self.dependence = mode_dependence(self.model)
+        check_measurement_mode(self.model, config.train_mode, config.allow_dropout)
         self.layout = select_parameters(self.model)
         n = self.layout.n_params
         if config.k > n:
@@ -420,13 +479,35 @@ class ProjectedTraining:
 
     # -- pieces ----------------------------------------------------------------------------
 
-    def _gradient(self, indices: torch.Tensor | None) -> tuple[float, torch.Tensor, float]:
-        set_parameters(self.model, self.layout, self.theta)
+    def _measure(self) -> tuple[float, torch.Tensor, float]:
+        """Full-batch loss, gradient and accuracy in the analysis mode (eval, or train with
+        --train-mode); buffers are never updated."""
         return loss_and_gradient(
-            self.model, self.layout, self.data, self.experiment.loss,
+            self.model, self.layout, self.theta, self.data, self.experiment.loss,
             chunk_size=self.config.chunk_size, device=self.device, dtype=self.dtype,
-            indices=indices,
+            train=self.config.train_mode,
         )
+
+    def _step_gradient(self, indices: torch.Tensor | None, *, update_buffers: bool = True
+                       ) -> tuple[float, torch.Tensor, float]:
+        """The training step's loss and gradient on the mini-batch at ``indices`` (``None``:
+        all samples), in train mode, as ordinary training computes it: a model with BatchNorm
+        sees the whole batch in one pass and its running statistics move once per step;
+        dropout draws masks from a generator seeded by (--seed, step), so they do not depend
+        on what was measured before."""
+        import torch
+
+        chunk = None if self.dependence.batch_statistics else self.config.chunk_size
+        seeded = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda"
+                                       else [], enabled=bool(self.dependence.dropout))
+        with seeded:
+            if self.dependence.dropout:
+                torch.manual_seed((self.config.seed * 1_000_003 + self.state.step) % 2**63)
+            return loss_and_gradient(
+                self.model, self.layout, self.theta, self.data, self.experiment.loss,
+                chunk_size=chunk, device=self.device, dtype=self.dtype, train=True,
+                update_buffers=update_buffers, indices=indices,
+            )
 
     def _operator(self, method: str) -> Any:
         """The full-data Hessian operator at the current θ (the model is not written to)."""
@@ -437,7 +518,8 @@ class ProjectedTraining:
             c = self.config
             settings = SpectrumSettings(
                 k=c.k, dtype=c.dtype, device=str(self.device), chunk_size=c.chunk_size,
-                hvp_method=method, seed=c.seed,
+                hvp_method=method, seed=c.seed, train_mode=c.train_mode,
+                allow_dropout=c.allow_dropout,
             )
             self._base_operator = hessian_operator(self.experiment, settings, self.theta)
             self._base_method = method
@@ -477,7 +559,7 @@ class ProjectedTraining:
         full_gradient = None
         full_loss = full_acc = chi = float("nan")
         if logging or c.start_when_aligned is not None or c.batch_size is None:
-            full_loss, full_gradient, full_acc = self._gradient(None)
+            full_loss, full_gradient, full_acc = self._measure()
             if not math.isfinite(full_loss):
                 raise NumericalError(f"the full-batch training loss is {full_loss} at step {s.step}")
             if c.k > 0 and self.basis.shape[0]:
@@ -494,12 +576,11 @@ class ProjectedTraining:
         if s.projecting and info is None and c.k > 0:
             info = self._update_subspace()
 
-        if c.batch_size is None:
-            indices = None
+        indices = None if self.sampler is None else self.sampler.next()
+        if indices is None and not self.dependence:  # the measured full-batch gradient is it
             batch_loss, grad = full_loss, full_gradient
         else:
-            indices = self.sampler.next()  # type: ignore[union-attr]
-            batch_loss, grad, _ = self._gradient(indices)
+            batch_loss, grad, _ = self._step_gradient(indices)
         assert grad is not None
         if not math.isfinite(batch_loss) or not bool(torch.isfinite(grad).all()):
             raise NumericalError(f"the training loss is {batch_loss} at step {s.step}")
@@ -508,7 +589,8 @@ class ProjectedTraining:
             if float(norm) > 0:
                 saved = self.theta
                 self.theta = saved + c.rho * grad / norm
-                _, grad, _ = self._gradient(indices)
+                # the same batch and masks; the running statistics moved once already
+                _, grad, _ = self._step_gradient(indices, update_buffers=False)
                 self.theta = saved
 
         delta = self.optimizer.update(self.theta, grad)

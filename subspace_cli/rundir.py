@@ -37,7 +37,8 @@ def start(checkpoint: Path, run_dir: Path, overrides: Any, *, steps: int, k: int
 
     from subspace_cli.errors import UsageError
     from subspace_cli.experiment import load_experiment
-    from subspace_cli.projected import TrainConfig
+    from subspace_cli.functional import check_measurement_mode, mode_dependence
+    from subspace_cli.projected import TrainConfig, mode_record
     from subspace_cli.writable import check_writable
 
     unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
@@ -55,6 +56,7 @@ def start(checkpoint: Path, run_dir: Path, overrides: Any, *, steps: int, k: int
     config.check()
     if batch_size is not None and batch_size > len(experiment.data):
         raise UsageError(f"batch size {batch_size} exceeds the {len(experiment.data)} samples")
+    check_measurement_mode(experiment.model, config.train_mode, config.allow_dropout)
     n_params = sum(p.numel() for p in experiment.model.parameters())
     if config.k > n_params:  # checked again by the trainer; here before anything is written
         raise UsageError(f"k = {config.k} exceeds the model's {n_params} parameters")
@@ -71,7 +73,8 @@ def start(checkpoint: Path, run_dir: Path, overrides: Any, *, steps: int, k: int
             _write_config(run_dir, stored)
             from subspace_cli import runlog
 
-            runlog.create(run_dir / "run.h5", dataclasses.asdict(config), stored["command"])
+            runlog.create(run_dir / "run.h5", dataclasses.asdict(config), stored["command"],
+                          modes=mode_record(config, mode_dependence(experiment.model)))
             return _drive(run_dir, config, experiment, stored, until=config.steps,
                           resumed=None, quiet=quiet, stop=stop)
         except BaseException:
@@ -207,7 +210,7 @@ def _drive(run_dir: Path, config: Any, experiment: Any, stored: dict[str, Any], 
     from subspace_cli.checkpoint import write_checkpoint
     from subspace_cli.errors import NumericalError, StorageError
     from subspace_cli.output import progress_bar, progress_enabled, say
-    from subspace_cli.projected import ProjectedTraining, parameters_tensor_dict
+    from subspace_cli.projected import ProjectedTraining, mode_note, parameters_tensor_dict
 
     run_file = run_dir / "run.h5"
     start_step = int(stored["start_step"])
@@ -257,6 +260,9 @@ def _drive(run_dir: Path, config: Any, experiment: Any, stored: dict[str, Any], 
             training.load_state(*resumed)
             bar.update(completed=training.state.step)
             say(f"resuming {run_dir} at step {training.state.step}")
+        note = mode_note(config, training.dependence)
+        if note is not None:
+            say(note)
         try:
             stop.raise_if_requested()
             training.run(until, should_stop=stop.requested)

@@ -67,7 +67,10 @@ def _ensure_layout(f: Any, k: int) -> None:
                 dataset[:] = np.full(n, _FILL[kind], dtype=object if kind == "str" else None)
 
 
-def create(path: Path, config: dict[str, Any], command: str) -> None:
+def create(path: Path, config: dict[str, Any], command: str,
+           modes: dict[str, Any] | None = None) -> None:
+    """A new run file; ``modes`` says which mode each logged quantity used
+    (:func:`subspace_cli.projected.mode_record`)."""
     import h5py
 
     tmp = temporary_sibling(path)
@@ -77,6 +80,8 @@ def create(path: Path, config: dict[str, Any], command: str) -> None:
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["config"] = json.dumps(config, sort_keys=True)
             f.attrs["command"] = command
+            if modes is not None:
+                f.attrs["modes"] = json.dumps(modes, sort_keys=True)
             _ensure_layout(f, int(config["k"]))
         publish(tmp, path)
     finally:
@@ -191,9 +196,11 @@ def read(path: Path) -> dict[str, Any]:
         config = json.loads(f.attrs["config"])
         if not isinstance(config, dict):
             raise InputError(f"{path}: a damaged run file (its config is not a JSON object)")
+        modes = json.loads(f.attrs["modes"]) if "modes" in f.attrs else None
         return {
             "config": config,
             "command": str(f.attrs["command"]),
+            "modes": modes if isinstance(modes, dict) else None,
             **{group: _read_table(f[group]) if group in f else {} for group, _ in TABLES},
         }
 

@@ -37,6 +37,7 @@ class SpectrumSettings:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     train_mode: bool = False
+    allow_dropout: bool = False
     hvp_method: str = "auto"
     seed: int = 0
     graph_memory: int | None = None

@@ -52,10 +52,11 @@ def hessian_operator(experiment: Experiment, settings: SpectrumSettings,
                      parameters: torch.Tensor | None = None) -> HessianOperator:
     """The full-training-set Hessian operator of an experiment under ``settings``, at
     ``parameters`` (a flat θ; default the model's own)."""
-    from subspace_cli.functional import select_parameters
+    from subspace_cli.functional import check_measurement_mode, select_parameters
     from subspace_cli.hessian import HessianOperator
 
     assert experiment.data is not None
+    check_measurement_mode(experiment.model, settings.train_mode, settings.allow_dropout)
     layout = select_parameters(experiment.model, settings.include, settings.exclude)
     return HessianOperator(
         experiment.model,
@@ -135,6 +136,14 @@ def compute_spectrum(
     )
 
 
+def chunk_dependent(settings: SpectrumSettings, experiment: Experiment) -> bool:
+    """Whether the Hessian depends on ``--chunk-size``: in train mode, BatchNorm normalises
+    each chunk by that chunk's own statistics."""
+    from subspace_cli.functional import mode_dependence
+
+    return settings.train_mode and bool(mode_dependence(experiment.model).batch_statistics)
+
+
 def summary(run: SpectrumRun, experiment: Experiment) -> dict[str, Any]:
     """The JSON object of one checkpoint's spectrum (see the README)."""
     r = run.result
@@ -159,6 +168,7 @@ def summary(run: SpectrumRun, experiment: Experiment) -> dict[str, Any]:
         "n_samples": run.n_samples,
         "loss": experiment.loss,
         "mode": "train" if run.settings.train_mode else "eval",
+        "chunk_dependent": chunk_dependent(run.settings, experiment),
         "solver": r.solver,
         "hvp_method": run.hvp_method,
         "device": run.device,
@@ -200,6 +210,7 @@ def to_stored(run: SpectrumRun, experiment: Experiment) -> Spectrum:
         "dtype": run.dtype,
         "hvp_method": run.hvp_method or "",
         "mode": "train" if s.train_mode else "eval",
+        "chunk_dependent": chunk_dependent(s, experiment),
         "n_samples": run.n_samples,
         "chunk_size": s.chunk_size,
         "max_samples": s.max_samples if s.max_samples is not None else -1,

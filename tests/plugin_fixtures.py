@@ -18,6 +18,14 @@ def tiny(input_dim=3, num_classes=2):
     return torch.nn.Linear(input_dim, num_classes)
 
 
+def bn(input_dim=3, num_classes=2, width=4, dropout=0.0):
+    layers = [torch.nn.Linear(input_dim, width), torch.nn.BatchNorm1d(width), torch.nn.Tanh()]
+    if dropout:
+        layers.append(torch.nn.Dropout(dropout))
+    layers.append(torch.nn.Linear(width, num_classes))
+    return torch.nn.Sequential(*layers)
+
+
 def toy(n=12, input_dim=3, num_classes=2):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, input_dim, generator=g)
@@ -33,6 +41,7 @@ BROKEN_MODULE = "import fakeplug_missing_dependency  # noqa: F401\n\ndef factory
 ENTRY_POINTS = """
 [subspace.models]
 tiny = fakeplug_mod:tiny
+bn = fakeplug_mod:bn
 broken = fakeplug_broken:factory
 
 [subspace.data]
@@ -41,7 +50,8 @@ toy = fakeplug_mod:toy
 
 
 def write_fake_plugin(root: Path) -> Path:
-    """Write the distribution "fakeplug" (models tiny and broken, data toy) under ``root``."""
+    """Write the distribution "fakeplug" (models tiny, bn and broken, data toy) under
+    ``root``."""
     info = root / "fakeplug-1.0.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeplug\nVersion: 1.0\n")
@@ -94,6 +104,26 @@ def linear_checkpoint(path, seed=0, step=None):
         "tiny", {"input_dim": TOY_D, "num_classes": TOY_C}, "toy", {"n": TOY_N}, "mse"
     )
     write_checkpoint(path, tensors, spec.to_metadata(step=seed if step is None else step))
+    return tensors
+
+
+def bn_checkpoint(path, seed=0, dropout=0.0, n=TOY_N):
+    """A checkpoint of the fake plugin's BatchNorm MLP ``bn`` (with ``dropout`` before its last
+    layer) on the toy data, cross-entropy loss; its running statistics are not the defaults."""
+    import torch
+
+    from subspace_cli.checkpoint import ExperimentSpec, write_checkpoint
+
+    config = {"input_dim": TOY_D, "num_classes": TOY_C, "width": 4, "dropout": dropout}
+    torch.manual_seed(seed)
+    module = importlib.import_module("fakeplug_mod").bn(**config)
+    g = torch.Generator().manual_seed(seed + 1)
+    module[1].running_mean.copy_(0.1 * torch.randn(4, generator=g))
+    module[1].running_var.copy_(1 + 0.5 * torch.rand(4, generator=g))
+    module[1].num_batches_tracked.fill_(7)
+    spec = ExperimentSpec("bn", config, "toy", {"n": n}, "ce")
+    tensors = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    write_checkpoint(path, tensors, spec.to_metadata(step=0))
     return tensors
 
 

@@ -944,8 +944,19 @@ def test_a_group_file_that_crashes_libhdf5_is_one_line(spectra_tree, tmp_path):
                              "crashed the HDF5 library: SIGSEGV)\n")
 
 
+#: A run.h5 of ``run_tree`` as the tool wrote it before run files recorded their modes (the
+#: same format, 1.1): the inputs below are offsets into this layout.
+RUN_1_1 = Path(__file__).parent / "data" / "run_1_1.h5.gz"
+
+
+def _run_1_1() -> bytearray:
+    import gzip
+
+    return bytearray(gzip.decompress(RUN_1_1.read_bytes()))
+
+
 def test_a_run_file_that_hangs_libhdf5_is_one_line_and_the_backup_is_used(run_tree, tmp_path):
-    data = bytearray(run_tree.files["run.h5"])
+    data = _run_1_1()
     data[379513] ^= 1
     copy = tmp_path / "run"
     _link_tree(run_tree.root, copy, {"run.h5": bytes(data)})
@@ -968,7 +979,7 @@ def test_a_run_file_that_made_libhdf5_take_gigabytes_is_one_line_within_budget(
     """Byte 33297 set to 0: unguarded, ``runlog.read`` took 2.7 GB resident before it raised
     (not rechecked here: it needs the gigabytes). In the watchdog child the allocation fails
     against the child's bound; the reader server's own memory check still applies."""
-    data = bytearray(run_tree.files["run.h5"])
+    data = _run_1_1()
     data[33297] = 0
     path = tmp_path / "run.h5"
     path.write_bytes(data)

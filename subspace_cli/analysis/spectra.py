@@ -84,6 +84,10 @@ class SpectrumAnalysis(CheckpointSequence):
                 self.output, to_stored(run, experiment), overwrite=self.overwrite
             )
             record["output"] = self.output
+        if record["chunk_dependent"]:
+            say(f"note: {path}: in train mode BatchNorm normalises each chunk of "
+                f"{settings.chunk_size} samples by its own statistics, so this Hessian depends "
+                "on --chunk-size")
         unconverged = len(run.result.converged) - sum(run.result.converged)
         if unconverged:
             say(

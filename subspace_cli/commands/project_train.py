@@ -127,6 +127,12 @@ def batch_size_type(value: str) -> int | None:
               help="Samples per forward/backward pass over the full training set.")
 @click.option("--hvp-method", type=click.Choice(HVP_METHODS), default="auto",
               show_default=True, help=HVP_METHOD_HELP)
+@click.option("--train-mode", is_flag=True,
+              help="Measure (full-batch loss, accuracy, gradient, χ, the Hessian) in train "
+              "mode; default eval mode. Training steps are always in train mode, and a "
+              "measurement never changes a buffer.")
+@click.option("--allow-dropout", is_flag=True,
+              help="With --train-mode, measure a model with dropout anyway (refused without).")
 @plugin_options
 @output_options
 @click.pass_context

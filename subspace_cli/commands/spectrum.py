@@ -125,7 +125,15 @@ def spectrum_options(f: Any) -> Any:
             "--train-mode",
             is_flag=True,
             help="Evaluate the model in train mode (default: eval mode). Buffers "
-            "such as BatchNorm statistics are never changed either way.",
+            "such as BatchNorm statistics are never changed either way; in train mode "
+            "BatchNorm normalises each chunk by its own statistics, so the Hessian then "
+            "depends on --chunk-size.",
+        ),
+        click.option(
+            "--allow-dropout",
+            is_flag=True,
+            help="With --train-mode, measure a model with dropout anyway (each pass draws "
+            "new masks; refused without this flag).",
         ),
         click.option(
             "--hvp-method",
@@ -164,6 +172,7 @@ def settings_from(params: dict[str, Any]) -> Any:
         include=tuple(params["include"]),
         exclude=tuple(params["exclude"]),
         train_mode=params["train_mode"],
+        allow_dropout=params["allow_dropout"],
         hvp_method=params["hvp_method"],
         seed=params["seed"],
         graph_memory=params["graph_memory"],
