@@ -56,6 +56,12 @@ SAMPLES = [
     Sample(
         "cnn_digits", "cnn", "digits", {"channels": 32}, {"shape": "image"}, lr=0.01, steps=3000
     ),
+    # The paper's ResNet-8 (He et al.'s CIFAR ResNet, BatchNorm, width 16) on the 8x8 digits:
+    # trained in train mode, so its BatchNorm running statistics are those of real training.
+    Sample(
+        "resnet_digits", "resnet", "digits", {"depth": 8, "width": 16}, {"shape": "image"},
+        lr=0.05, steps=2000,
+    ),
     # The paper's 2-layer transformer (width 64, 8 heads), on MNIST-1D read as 40 scalar tokens.
     Sample(
         "transformer_mnist1d",

@@ -1,7 +1,8 @@
 """Checkpoints: safetensors with string metadata (primary), and plain ``.pt`` state_dicts.
 
-A checkpoint is data, never code. safetensors files are read with ``safe_open``; ``.pt``/``.pth``
-files only through ``torch.load(..., weights_only=True)``, which refuses arbitrary pickled objects.
+A checkpoint is data, never code. safetensors files are read with ``safe_open``;
+``.pt``/``.pth``/``.ckpt`` files only through ``torch.load(..., weights_only=True)``, which
+refuses arbitrary pickled objects.
 
 Metadata keys (all strings) of a checkpoint written by this tool:
 
@@ -45,7 +46,7 @@ KEY_STEP = "subspace.step"
 KEY_FORMAT = "subspace.format_version"
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
-TORCH_SUFFIXES = (".pt", ".pth")
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")  # .ckpt: Lightning's torch.save of a dict
 
 
 @dataclass
@@ -55,6 +56,8 @@ class Checkpoint:
     path: Path
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
+    #: The prefix removed from the file's tensor names (``--strip-prefix``, or found), if any.
+    prefix: str = ""
 
     @property
     def n_elements(self) -> int:
@@ -74,7 +77,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         return Checkpoint(p, _read_torch_state_dict(p), {})
     if suffix not in SAFETENSORS_SUFFIXES:
         raise CheckpointError(
-            f"{p}: unsupported checkpoint type {suffix or '(no suffix)'!r}; use .safetensors, .pt or .pth"
+            f"{p}: unsupported checkpoint type {suffix or '(no suffix)'!r}; use .safetensors, "
+            ".pt, .pth or .ckpt"
         )
     from safetensors import safe_open
 
@@ -271,6 +275,8 @@ class SpecOverrides:
     loss: str | None = None
     #: ``--max-params`` and ``--max-samples-build``: what the metadata may make us build.
     limits: BuildLimits = field(default_factory=BuildLimits)
+    #: ``--strip-prefix``: take the tensors whose names start with it, without it.
+    strip_prefix: str | None = None
 
 
 @dataclass
@@ -387,6 +393,48 @@ def load_state_strict(model: torch.nn.Module, ckpt: Checkpoint) -> None:
     model.load_state_dict(given, strict=True)
 
 
+#: How deep a prefix of tensor names is looked for (``model.``, ``model.net.``, …).
+_PREFIX_DEPTH = 3
+
+
+def _under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def match_names(expected: dict[str, torch.Tensor], ckpt: Checkpoint,
+                strip_prefix: str | None = None) -> Checkpoint:
+    """``ckpt`` with tensor names that are the model's (``expected``, a state_dict), its shapes
+    checked (:func:`check_tensors`).
+
+    With ``strip_prefix`` the tensors under that prefix are taken, without it (a Lightning
+    module saves its ``self.model`` as ``model.…``). Without it, names that do not match are
+    matched by the one prefix, if exactly one, whose tensors are exactly the model's; the
+    result says which (``prefix``).
+    """
+    given = ckpt.tensors
+    if strip_prefix is None:
+        if set(given) == set(expected):
+            check_tensors(expected, ckpt)
+            return ckpt
+        candidates = {name[:end + 1] for name in given
+                      for end in [i for i, c in enumerate(name) if c == "."][:_PREFIX_DEPTH]}
+        fits = sorted(p for p in candidates if set(_under(given, p)) == set(expected))
+        if len(fits) != 1:
+            try:
+                check_tensors(expected, ckpt)
+            except CheckpointError as exc:
+                hint = (f"; the names fit under more than one prefix ({', '.join(fits)}): pass "
+                        "--strip-prefix" if fits else "")
+                raise CheckpointError(f"{exc}{hint}") from None
+        strip_prefix = fits[0]
+    renamed = Checkpoint(ckpt.path, _under(given, strip_prefix), ckpt.metadata, strip_prefix)
+    if not renamed.tensors:
+        raise CheckpointError(f"{ckpt.path}: no tensor name starts with --strip-prefix "
+                              f"{strip_prefix!r}")
+    check_tensors(expected, renamed)
+    return renamed
+
+
 def check_tensors(expected: dict[str, torch.Tensor], ckpt: Checkpoint) -> None:
     """Refuse ``ckpt`` unless its tensors have exactly the names and shapes of ``expected``
     (a model's state_dict); works on :func:`read_header`'s stand-ins too."""
@@ -406,6 +454,7 @@ def check_tensors(expected: dict[str, torch.Tensor], ckpt: Checkpoint) -> None:
     if mismatched:
         problems.append(f"shape mismatch {_name_list(mismatched)}")
     if problems:
+        under = f" (under the prefix {ckpt.prefix!r})" if ckpt.prefix else ""
         raise CheckpointError(
-            f"{ckpt.path}: tensors do not match the model: " + "; ".join(problems)
+            f"{ckpt.path}: tensors{under} do not match the model: " + "; ".join(problems)
         )

@@ -11,8 +11,8 @@ from subspace_cli.checkpoint import (
     Checkpoint,
     ExperimentSpec,
     SpecOverrides,
-    check_tensors,
     load_state_strict,
+    match_names,
     read_checkpoint,
     read_header,
     resolve_spec,
@@ -96,7 +96,8 @@ def build_data(name: str, config: dict[str, Any], *, from_user: bool,
 
 def build_model(name: str, config: dict[str, Any], *, from_user: bool,
                 limits: BuildLimits | None = None,
-                against: Checkpoint | None = None) -> torch.nn.Module:
+                against: Checkpoint | None = None,
+                strip_prefix: str | None = None) -> torch.nn.Module:
     """Build a model. With ``limits`` or ``against`` (a checkpoint, e.g. its header), the
     model is first built on the ``meta`` device, which allocates nothing, and refused when it
     has more than ``--max-params`` parameters or tensors that do not match the checkpoint's."""
@@ -104,7 +105,7 @@ def build_model(name: str, config: dict[str, Any], *, from_user: bool,
 
     factory = resolve_factory("model", name, from_user=from_user)
     if limits is not None or against is not None:
-        _check_before_building(name, factory, config, limits, against)
+        _check_before_building(name, factory, config, limits, against, strip_prefix)
     model = _call_factory("model", name, factory, config)
     if not isinstance(model, torch.nn.Module):
         raise PluginError(
@@ -114,7 +115,8 @@ def build_model(name: str, config: dict[str, Any], *, from_user: bool,
 
 
 def _check_before_building(name: str, factory: Any, config: dict[str, Any],
-                           limits: BuildLimits | None, against: Checkpoint | None) -> None:
+                           limits: BuildLimits | None, against: Checkpoint | None,
+                           strip_prefix: str | None = None) -> None:
     import torch
 
     try:
@@ -133,7 +135,7 @@ def _check_before_building(name: str, factory: Any, config: dict[str, Any],
             "this machine's memory can analyse; raise --max-params to build it)"
         )
     if against is not None:
-        check_tensors(probe.state_dict(), against)
+        match_names(probe.state_dict(), against, strip_prefix)
 
 
 def complete_model_config(
@@ -177,8 +179,9 @@ def load_experiment(
     header = read_header(path)  # names and shapes: checked before any tensor is read
     spec = resolve_spec(header, overrides)
     model = build_model(spec.model, spec.model_config, from_user=spec.model_from_user,
-                        limits=overrides.limits, against=header)
-    ckpt = read_checkpoint(path)
+                        limits=overrides.limits, against=header,
+                        strip_prefix=overrides.strip_prefix)
+    ckpt = match_names(model.state_dict(), read_checkpoint(path), overrides.strip_prefix)
     check_finite_weights(ckpt)
     load_state_strict(model, ckpt)
     data = None
@@ -214,7 +217,8 @@ def describe_checkpoint(path: Path, overrides: SpecOverrides) -> dict[str, Any]:
     ckpt = read_header(path)  # tensors are read (and hashed) only once they match the model
     report: dict[str, Any] = {
         "checkpoint": str(path),
-        "format": "safetensors" if path.suffix.lower() == ".safetensors" else "torch",
+        "format": "safetensors" if path.suffix.lower() == ".safetensors" else (
+            "lightning" if path.suffix.lower() == ".ckpt" else "torch"),
         "sha256": None,
         "metadata": dict(sorted(ckpt.metadata.items())),
         "n_tensors": len(ckpt.tensors),
@@ -243,10 +247,14 @@ def describe_checkpoint(path: Path, overrides: SpecOverrides) -> dict[str, Any]:
                 "source": "command line" if from_user else "checkpoint",
             }
         built = build_model(spec.model, spec.model_config, from_user=spec.model_from_user,
-                            limits=overrides.limits, against=ckpt)
-        full = read_checkpoint(path)
+                            limits=overrides.limits, against=ckpt,
+                            strip_prefix=overrides.strip_prefix)
+        full = match_names(built.state_dict(), read_checkpoint(path), overrides.strip_prefix)
         load_state_strict(built, full)
         report["sha256"] = full.sha256()
+        if full.prefix:
+            report["prefix"] = full.prefix
+            report["tensors_used"] = len(full.tensors)
         report.update(
             {
                 "model": spec.model,

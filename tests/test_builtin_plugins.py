@@ -362,7 +362,7 @@ def test_tensors_file_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     ("group", "module", "names"),
     [
-        ("subspace.models", models, ["cnn", "mlp", "transformer"]),
+        ("subspace.models", models, ["cnn", "mlp", "resnet", "transformer", "vgg"]),
         ("subspace.data", datasets, ["digits", "mnist1d", "tensors"]),
     ],
 )

@@ -107,10 +107,15 @@ def test_malformed_and_unsupported_files(tmp_path):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         read_checkpoint(bad)
-    other = tmp_path / "w.ckpt"
+    other = tmp_path / "w.bin"
     other.write_bytes(b"")
-    with pytest.raises(CheckpointError, match="unsupported checkpoint type"):
+    with pytest.raises(CheckpointError, match=r"unsupported checkpoint type '\.bin'; use "
+                                              r"\.safetensors, \.pt, \.pth or \.ckpt"):
         read_checkpoint(other)
+    empty = tmp_path / "w.ckpt"  # a Lightning checkpoint's suffix: read as a torch file
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="not a readable torch file"):
+        read_checkpoint(empty)
     with pytest.raises(CheckpointError, match="no such file"):
         read_checkpoint(tmp_path / "missing.safetensors")
 

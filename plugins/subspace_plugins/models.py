@@ -1,11 +1,13 @@
-"""Model factories: the paper's fc-tanh MLP, cnn-relu CNN and small transformer.
+"""Model factories: the paper's fc-tanh MLP, cnn-relu CNN, small transformer, ResNet and VGG.
 
 Each factory is ``(**config) -> torch.nn.Module``. Weights are drawn from torch's global RNG, so
 a caller that seeds torch gets the same model every time. The models are built only from ops
 that support double backward *and* forward-mode AD (``torch.func.jvp`` over ``torch.func.grad``),
 which is why the transformer spells attention out with matmuls and a softmax instead of using
-``nn.MultiheadAttention`` or ``scaled_dot_product_attention``. There is no dropout and no batch
-normalisation, so train and eval mode compute the same function.
+``nn.MultiheadAttention`` or ``scaled_dot_product_attention``. The MLP, CNN and transformer have
+no dropout and no batch normalisation, so train and eval mode compute the same function;
+``resnet`` and ``vgg`` (with ``batch_norm``) have BatchNorm, whose train and eval modes differ
+(see the README's "BatchNorm and dropout").
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from subspace_plugins import (
     _optional_integer,
 )
 
-__all__ = ["MLP", "CNN", "Transformer", "mlp", "cnn", "transformer"]
+__all__ = ["MLP", "CNN", "Transformer", "ResNet", "VGG", "mlp", "cnn", "transformer", "resnet",
+           "vgg"]
 
 _ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
 _FEEDFORWARD_ACTIVATIONS = {"gelu": nn.functional.gelu, "relu": torch.relu}
@@ -84,6 +87,97 @@ class CNN(nn.Module):
         h = pool(torch.relu(self.conv1(x)), 2)
         h = pool(torch.relu(self.conv2(h)), 2)
         return self.head(h.flatten(1))
+
+
+def _image_input(x: torch.Tensor, input_shape: list[int]) -> torch.Tensor:
+    """``x`` as a batch of ``input_shape`` images (flat rows are reshaped)."""
+    return x.reshape(-1, *input_shape) if x.dim() != len(input_shape) + 1 else x
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: conv 3×3 (stride) + BN + ReLU, conv 3×3 + BN, plus the shortcut
+    (a 1×1 convolution + BN where the shape changes), then ReLU."""
+
+    def __init__(self, fan_in: int, fan_out: int, stride: int, batch_norm: bool) -> None:
+        super().__init__()
+        norm = nn.BatchNorm2d if batch_norm else (lambda c: nn.Identity())
+        self.conv1 = nn.Conv2d(fan_in, fan_out, 3, stride=stride, padding=1, bias=not batch_norm)
+        self.bn1 = norm(fan_out)
+        self.conv2 = nn.Conv2d(fan_out, fan_out, 3, padding=1, bias=not batch_norm)
+        self.bn2 = norm(fan_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or fan_in != fan_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(fan_in, fan_out, 1, stride=stride, bias=not batch_norm), norm(fan_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """The CIFAR ResNet of He et al. (2016): a 3×3 stem, three stages of ``(depth - 2) / 6``
+    basic blocks at widths w, 2w, 4w (the last two start with stride 2), global average
+    pooling and a Linear head. ResNet-8: depth 8; ResNet-20: depth 20."""
+
+    def __init__(self, input_shape: list[int], num_classes: int, depth: int, width: int,
+                 batch_norm: bool) -> None:
+        super().__init__()
+        self.input_shape = list(input_shape)
+        blocks = (depth - 2) // 6
+        self.stem = nn.Conv2d(input_shape[0], width, 3, padding=1, bias=not batch_norm)
+        self.bn = nn.BatchNorm2d(width) if batch_norm else nn.Identity()
+        layers: list[nn.Module] = []
+        fan_in = width
+        for stage in range(3):
+            fan_out = width * 2**stage
+            for index in range(blocks):
+                stride = 2 if stage and not index else 1
+                layers.append(BasicBlock(fan_in, fan_out, stride, batch_norm))
+                fan_in = fan_out
+        self.blocks = nn.Sequential(*layers)
+        self.head = nn.Linear(fan_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.stem(_image_input(x, self.input_shape))))
+        h = self.blocks(h)
+        return self.head(h.mean(dim=(2, 3)))
+
+
+#: VGG-11's convolution widths (at base width 64) and max-pools ("M").
+_VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+class VGG(nn.Module):
+    """VGG-11 (Simonyan & Zisserman, 2015, configuration A) for small images: 3×3
+    convolutions (+ BatchNorm with ``batch_norm``) + ReLU, max-pool 2 where the image is still
+    at least 2 pixels wide, global average pooling and a Linear head (the CIFAR variant's
+    single classifier layer). Widths scale with ``width`` / 64."""
+
+    def __init__(self, input_shape: list[int], num_classes: int, width: int,
+                 batch_norm: bool) -> None:
+        super().__init__()
+        self.input_shape = list(input_shape)
+        layers: list[nn.Module] = []
+        fan_in, size = input_shape[0], min(input_shape[1:])
+        for item in _VGG11:
+            if item == "M":
+                if size >= 2:
+                    layers.append(nn.MaxPool2d(2))
+                    size //= 2
+                continue
+            fan_out = max(1, int(item) * width // 64)
+            layers.append(nn.Conv2d(fan_in, fan_out, 3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(fan_out))
+            layers.append(nn.ReLU())
+            fan_in = fan_out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(fan_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(_image_input(x, self.input_shape))
+        return self.head(h.mean(dim=(2, 3)))
 
 
 class SelfAttention(nn.Module):
@@ -286,3 +380,58 @@ def transformer(
         dim_feedforward=_integer(where, "dim_feedforward", dim_feedforward, 1),
         activation=_choice(where, "activation", activation, tuple(_FEEDFORWARD_ACTIVATIONS)),
     )
+
+
+def _image_shape(where: str, input_shape: list[int]) -> list[int]:
+    shape = _integer_list(where, "input_shape", input_shape, 1)
+    if len(shape) != 3:
+        raise ValueError(f"{where}: input_shape must be [C, H, W], got {input_shape!r}")
+    return shape
+
+
+@_factory
+def resnet(
+    input_shape: list[int],
+    num_classes: int = 10,
+    depth: int = 8,
+    width: int = 16,
+    batch_norm: bool = True,
+) -> nn.Module:
+    """The CIFAR ResNet (ResNet-8 by default, ResNet-20 with ``depth`` 20), with BatchNorm.
+
+    Args:
+        input_shape: ``[C, H, W]`` of one image (1 or 3 channels, any size); flat inputs are
+            reshaped to it.
+        num_classes: Number of outputs.
+        depth: 6n + 2 layers: n basic blocks in each of the three stages.
+        width: Channels of the first stage (16 in He et al.); the others have 2× and 4×.
+        batch_norm: BatchNorm after every convolution (without it, convolutions have biases).
+    """
+    where = "resnet"
+    depth = _integer(where, "depth", depth, 8)
+    if (depth - 2) % 6:
+        raise ValueError(f"resnet: depth must be 6n + 2 (8, 14, 20, ...), got {depth}")
+    return ResNet(_image_shape(where, input_shape), _integer(where, "num_classes", num_classes, 1),
+                  depth, _integer(where, "width", width, 1), _boolean(where, "batch_norm",
+                                                                      batch_norm))
+
+
+@_factory
+def vgg(
+    input_shape: list[int],
+    num_classes: int = 10,
+    width: int = 64,
+    batch_norm: bool = False,
+) -> nn.Module:
+    """VGG-11, with or without BatchNorm, for small images.
+
+    Args:
+        input_shape: ``[C, H, W]`` of one image (1 or 3 channels, any size); flat inputs are
+            reshaped to it.
+        num_classes: Number of outputs.
+        width: Channels of the first convolution (64 in VGG-11; the others scale with it).
+        batch_norm: BatchNorm after every convolution (VGG-11-BN).
+    """
+    where = "vgg"
+    return VGG(_image_shape(where, input_shape), _integer(where, "num_classes", num_classes, 1),
+               _integer(where, "width", width, 1), _boolean(where, "batch_norm", batch_norm))

@@ -150,6 +150,15 @@ def plugin_options(f: F) -> F:
         *(click.option(flag, type=click.IntRange(min=1), expose_value=False,
                        callback=_set_root_value(flag[2:].replace("-", "_")), help=text)
           for flag, text in LIMIT_OPTIONS),
+        click.option(
+            "--strip-prefix",
+            metavar="PREFIX",
+            expose_value=False,
+            callback=_set_root_value("strip_prefix"),
+            help="Take the checkpoint's tensors whose names start with PREFIX, without it "
+            "(a Lightning module's `model.`); by default a prefix is removed when exactly one "
+            "makes the names the model's.",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -165,8 +174,11 @@ def overrides_from(
 ) -> Any:
     from subspace_cli.checkpoint import SpecOverrides, parse_json_object
 
+    ctx = click.get_current_context(silent=True)
+    given = (ctx.find_root().obj or {}) if ctx is not None else {}
     return SpecOverrides(
         limits=build_limits(),
+        strip_prefix=given.get("strip_prefix"),
         model=model,
         model_config=parse_json_object(model_config, "--model-config") if model_config else None,
         data=data,

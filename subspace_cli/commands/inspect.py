@@ -45,7 +45,7 @@ def inspect_command(
 ) -> None:
     """Show metadata, resolved plugins, parameter count and tensors of CHECKPOINTS.
 
-    CHECKPOINTS are files (.safetensors, .pt, .pth), directories (searched
+    CHECKPOINTS are files (.safetensors, .pt, .pth, .ckpt), directories (searched
     recursively for *.safetensors) or glob patterns. The model is built and
     the weights are loaded strictly, so a checkpoint that inspects cleanly can
     be analysed. Plugins named in a checkpoint resolve only through
@@ -95,6 +95,9 @@ def render(report: dict[str, Any], tensors: bool) -> None:
             ["parameters", f"{report['n_params']:,}"],
             ["weights load", "yes (strict)"],
         ]
+        if report.get("prefix"):
+            rows.append(["names", f"the {report['tensors_used']} tensors under "
+                                  f"{report['prefix']!r}, without it"])
     else:
         rows.append(["note", report["note"]])
     rows.append(["tensors", f"{report['n_tensors']} ({report['n_elements']:,} elements)"])
