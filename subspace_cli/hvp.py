@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -139,30 +138,55 @@ class GraphStore:
             return self.graphs[index]
         measure = index is not None and index not in self.uncached and self.budget > 0
         leaf = theta.detach().requires_grad_(True)
-        storages: dict[int, int] = {}
-
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            try:
-                storage = tensor.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
-            except (RuntimeError, NotImplementedError):  # no plain storage (e.g. a subclass)
-                storages[id(tensor)] = tensor.numel() * tensor.element_size()
-            return tensor
-
-        hooks = (torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
-                 if measure else nullcontext())
-        with torch.enable_grad(), hooks:
+        with torch.enable_grad():
             (grad,) = torch.autograd.grad(loss(leaf), leaf, create_graph=True,
                                           allow_unused=True)
         if measure:
             assert index is not None
-            size = sum(storages.values()) + (grad.nbytes if grad is not None else 0)
+            size = graph_bytes(grad) + (grad.nbytes if grad is not None else 0)
             if self.bytes + size <= self.budget:
                 self.graphs[index] = (leaf, grad)
                 self.bytes += size
             else:
                 self.uncached.add(index)
         return leaf, grad
+
+
+def graph_bytes(root: torch.Tensor | None) -> int:
+    """Bytes of the tensors that the autograd graph behind ``root`` saves, each storage once.
+
+    Read from the graph's nodes (their ``_saved_*`` attributes), not with
+    ``saved_tensors_hooks``: a pack hook that keeps the tensor it is given stores the Python
+    object in the graph, and a saved output then refers back to its own node through
+    ``grad_fn``, a cycle through C++ that Python's collector cannot see. Every kept graph
+    leaked that way (about 170 MB a step on the ResNet-8 sample under ``project-train``).
+    """
+    if root is None or root.grad_fn is None:
+        return 0
+    storages: dict[int, int] = {}
+    seen: set[int] = set()
+    stack = [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for name in dir(node):
+            if not name.startswith("_saved_"):
+                continue
+            try:
+                value = getattr(node, name)
+            except (RuntimeError, AttributeError):  # e.g. a saved tensor already freed
+                continue
+            for tensor in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(tensor, torch.Tensor):
+                    try:
+                        storage = tensor.untyped_storage()
+                        storages[storage.data_ptr()] = storage.nbytes()
+                    except (RuntimeError, NotImplementedError):  # no plain storage
+                        storages[id(tensor)] = tensor.numel() * tensor.element_size()
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return sum(storages.values())
 
 
 #: ``product(method, x, y, vectors, index)``: a chunk's HVPs by one method; ``index`` is the

@@ -272,6 +272,31 @@ def test_graphs_are_kept_only_within_the_budget() -> None:
         HessianOperator(model, data, "mse", graph_memory=-1)
 
 
+def test_kept_graphs_are_freed_with_their_operator() -> None:
+    """A kept graph must not outlive its operator: measuring it with a saved-tensor pack hook
+    stored Python tensors in the graph, which then referred back to their own nodes, a cycle
+    Python's collector cannot see (project-train grew by the graphs of every step)."""
+    import gc
+
+    model, data = _small_mlp(), make_data((3,), n=96)
+    base = HessianOperator(model, data, "mse", dtype=torch.float64, chunk_size=40,
+                           method="reverse-loop")
+    vectors = random_block(2, base.n_params)
+    theta = base.functional.current_parameters()
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+    before = live_tensors()
+    for step in range(5):
+        op = base.at(theta + 1e-3 * step)
+        op.matmat(vectors)
+        assert op.graphs_kept == 3
+        del op
+    assert live_tensors() - before < 10
+
+
 def test_a_method_failing_only_on_the_whole_chunk_drops_out() -> None:
     from subspace_cli import hvp
 
