@@ -276,8 +276,9 @@ def loss_and_gradient(
                 name: b.clone() for name, b in buffers.items()})}
             out = torch.func.functional_call(model, state, (x,))
             chunk_loss = loss_sum(loss, out, y)
-            (grad,) = torch.autograd.grad(chunk_loss, flat)
-            total += grad
+            (grad,) = torch.autograd.grad(chunk_loss, flat, allow_unused=True)
+            if grad is not None:  # None: the loss does not depend on θ (a constant model)
+                total += grad
             loss_total += float(chunk_loss.detach())
             correct += correct_count(out.detach(), y)
             count += len(y)
