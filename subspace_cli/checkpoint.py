@@ -378,11 +378,13 @@ def _name_list(names: list[str], limit: int = 10) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def load_state_strict(model: torch.nn.Module, ckpt: Checkpoint) -> None:
-    """Load ``ckpt``'s tensors into ``model``, naming every missing, unexpected or misshapen tensor."""
+def load_state_strict(model: torch.nn.Module, ckpt: Checkpoint,
+                      strip_prefix: str | None = None) -> Checkpoint:
+    """Load ``ckpt``'s tensors into ``model``, naming every missing, unexpected or misshapen
+    tensor; names are matched by :func:`match_names`, whose checkpoint is returned."""
     expected = model.state_dict()
+    ckpt = match_names(expected, ckpt, strip_prefix)
     given = ckpt.tensors
-    check_tensors(expected, ckpt)
     import torch
 
     if any(given[name].dtype == torch.float64 and expected[name].is_floating_point()
@@ -391,6 +393,7 @@ def load_state_strict(model: torch.nn.Module, ckpt: Checkpoint) -> None:
         # checkpoints) into them would round. Every consumer casts to its compute dtype.
         model.double()
     model.load_state_dict(given, strict=True)
+    return ckpt
 
 
 #: How deep a prefix of tensor names is looked for (``model.``, ``model.net.``, …).

@@ -181,9 +181,8 @@ def load_experiment(
     model = build_model(spec.model, spec.model_config, from_user=spec.model_from_user,
                         limits=overrides.limits, against=header,
                         strip_prefix=overrides.strip_prefix)
-    ckpt = match_names(model.state_dict(), read_checkpoint(path), overrides.strip_prefix)
+    ckpt = load_state_strict(model, read_checkpoint(path), overrides.strip_prefix)
     check_finite_weights(ckpt)
-    load_state_strict(model, ckpt)
     data = None
     if need_data:
         data = (data_cache or DataCache()).get(spec, overrides.limits)
@@ -249,8 +248,7 @@ def describe_checkpoint(path: Path, overrides: SpecOverrides) -> dict[str, Any]:
         built = build_model(spec.model, spec.model_config, from_user=spec.model_from_user,
                             limits=overrides.limits, against=ckpt,
                             strip_prefix=overrides.strip_prefix)
-        full = match_names(built.state_dict(), read_checkpoint(path), overrides.strip_prefix)
-        load_state_strict(built, full)
+        full = load_state_strict(built, read_checkpoint(path), overrides.strip_prefix)
         report["sha256"] = full.sha256()
         if full.prefix:
             report["prefix"] = full.prefix

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from subspace_cli import store
 from subspace_cli.errors import InputError, damage_reported
 from subspace_cli.hdf5 import isolated, transferable
 from subspace_cli.inputs import GLOB_CHARS, Input, find_files, glob_paths
@@ -206,17 +207,9 @@ def _checkpoint_sha256(path: Path) -> str | None:
         return None
 
 
-def _spectra_extent(path: Path) -> int:
-    from subspace_cli import store
-
-    return store.extent(path)
-
-
-@isolated("spectra file", _spectra_extent)  # one child for both reads; no eigenvectors travel
+@store.spectra_reader  # one child for both reads; no eigenvectors travel
 def load_spectra(path: Path) -> list[SpectraEntry]:
     """Every spectrum of a spectra file, with its full-Hessian alignment subgroup if any."""
-    from subspace_cli import store
-
     alignments = store.read_subgroups(path, "alignment")
     return [SpectraEntry(
         file=path, checkpoint=s.checkpoint, k=s.k, eigenvalues=np.asarray(s.eigenvalues),

@@ -44,8 +44,8 @@ def start(checkpoint: Path, run_dir: Path, overrides: Any, *, steps: int, k: int
     unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:  # an option of the command that no field takes: our bug, never dropped
         raise TypeError(f"options without a TrainConfig field: {', '.join(sorted(unknown))}")
-    if run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
-        raise UsageError(f"{run_dir} is not empty: choose a new --out, or --resume {run_dir}")
+    if run_dir.exists():
+        _refuse_if_used(run_dir)
     check_writable(run_dir, directory=True)
     experiment = load_experiment(checkpoint, overrides)
     assert experiment.data is not None
@@ -63,8 +63,7 @@ def start(checkpoint: Path, run_dir: Path, overrides: Any, *, steps: int, k: int
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     with _locked(run_dir), deferred_interrupts() as stop:
-        if any(p.name != LOCK_NAME for p in run_dir.iterdir()):  # another start got here first
-            raise UsageError(f"{run_dir} is not empty: choose a new --out, or --resume {run_dir}")
+        _refuse_if_used(run_dir)  # again under the lock: another start may have got here first
         spec = experiment.spec
         stored = {"config": dataclasses.asdict(config), "command": _command(),
                   "spec": dataclasses.asdict(spec), "start_step": spec.step or 0,
@@ -130,6 +129,14 @@ def resume(run_dir: Path, steps: int | None, *, quiet: bool,
         runlog.truncate_for_resume(run_dir / "run.h5", state.step)
         return _drive(run_dir, config, experiment, stored, until=config.steps,
                       resumed=(state_ckpt.tensors, state), quiet=quiet, stop=stop)
+
+
+def _refuse_if_used(run_dir: Path) -> None:
+    """Refuse a directory that holds anything but a lock file."""
+    from subspace_cli.errors import UsageError
+
+    if any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+        raise UsageError(f"{run_dir} is not empty: choose a new --out, or --resume {run_dir}")
 
 
 def _read_config(path: Path) -> dict[str, Any]:

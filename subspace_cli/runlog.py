@@ -169,8 +169,8 @@ def _readable(path: Path) -> bool:
 
     try:
         with h5py.File(path, "r", locking=False) as f:
-            read_all(f)
-            _ = read_dataset(f[LOG]["step"])
+            read_all(f)  # every dataset, the log's steps included
+            _ = f[LOG]["step"]  # which must be there
             int(json.loads(f.attrs["config"])["k"])
     except Exception:  # any damage at all: the caller falls back or refuses
         return False

@@ -116,7 +116,7 @@ def extent(path: Path) -> int:
 
 
 #: Every reader of a spectra file runs in a watchdog child (:mod:`subspace_cli.hdf5`).
-_isolated = hdf5.isolated("spectra file", extent)
+spectra_reader = hdf5.isolated("spectra file", extent)
 
 
 def _major(version: str, what: str) -> int:
@@ -150,27 +150,27 @@ def _attr(value: Any) -> Any:
 # ------------------------------------------------------------------------------------ reading
 
 
-def _open(path: Path, mode: str = "r") -> Any:
-    """The spectra file ``path``, open for reading, its root checked.
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[Any]:
+    """The spectra file ``path``, open for reading, its root checked; any failure while the
+    block reads it is one :class:`InputError` (``damage_reported``).
 
     It is opened by its real path, so external links resolve beside the real file even when
     ``path`` is a symbolic link to it.
     """
     import h5py
 
-    try:
-        f = h5py.File(os.path.realpath(path), mode)
-    except OSError as exc:
-        refused = storage_error(exc, path, "open")  # the environment's refusal, not the file's
-        if refused is not None:
-            raise refused from exc
-        raise InputError(f"{path}: not a readable HDF5 file ({exc})") from exc
-    try:
-        _check_root(f, path)
-    except InputError:
-        f.close()
-        raise
-    return f
+    with damage_reported(path, "spectra file"):
+        try:
+            f = h5py.File(os.path.realpath(path), "r")
+        except OSError as exc:
+            refused = storage_error(exc, path, "open")  # the environment's refusal, not the file's
+            if refused is not None:
+                raise refused from exc
+            raise InputError(f"{path}: not a readable HDF5 file ({exc})") from exc
+        with f:
+            _check_root(f, path)
+            yield f
 
 
 def _member(f: Any, path: Path, name: str) -> Any:
@@ -201,23 +201,23 @@ def _link_target(index: Path, filename: str) -> Path:
     return target if target.is_absolute() else index.parent / target
 
 
-@_isolated
+@spectra_reader
 def has_group(path: str | os.PathLike[str], checkpoint: str | os.PathLike[str]) -> bool:
     p = Path(path)
     if not p.exists():
         return False
-    with damage_reported(p, "spectra file"), _open(p, "r") as f:
+    with _reading(p) as f:
         return checkpoint_key(checkpoint) in f
 
 
-@_isolated
+@spectra_reader
 def read_subgroup(
     path: str | os.PathLike[str], checkpoint: str | os.PathLike[str], name: str
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
     """Attributes and datasets of a result subgroup, or ``None`` when absent."""
     p = Path(path)
     key = checkpoint_key(checkpoint)
-    with damage_reported(p, "spectra file"), _open(p, "r") as f:
+    with _reading(p) as f:
         if key not in f:
             return None
         group = _member(f, p, key)
@@ -226,7 +226,7 @@ def read_subgroup(
         return _read_subgroup(group[name], f"{p}: {key}/{name}")
 
 
-@_isolated
+@spectra_reader
 def read_subgroups(
     path: str | os.PathLike[str], name: str
 ) -> dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]:
@@ -236,7 +236,7 @@ def read_subgroups(
 
     p = Path(path)
     found = {}
-    with damage_reported(p, "spectra file"), _open(p, "r") as f:
+    with _reading(p) as f:
         for key in f:
             group = _member(f, p, key)
             if isinstance(group, h5py.Group) and name in group:
@@ -299,16 +299,16 @@ def iter_spectra(path: str | os.PathLike[str]) -> Iterator[Spectrum]:
     yield from _read_spectra(p)
 
 
-@_isolated
+@spectra_reader
 def _read_spectra(p: Path) -> list[Spectrum]:
-    with damage_reported(p, "spectra file"), _open(p, "r") as f:
+    with _reading(p) as f:
         groups = [(name, _member(f, p, name)) for name in f]
         groups = [(n, g) for n, g in groups if g.attrs.get("encoding-type") == GROUP_ENCODING]
         groups.sort(key=lambda item: str(_decode(item[1].attrs.get("created", ""))))
         return [_read_group(g, name) for name, g in groups]
 
 
-@_isolated
+@spectra_reader
 def read_spectrum(
     path: str | os.PathLike[str], checkpoint: str | os.PathLike[str], sha256: str | None = None
 ) -> Spectrum | None:
@@ -321,7 +321,7 @@ def read_spectrum(
     if not p.exists():
         raise InputError(f"{p}: no such file")
     key = checkpoint_key(checkpoint)
-    with damage_reported(p, "spectra file"), _open(p, "r") as f:
+    with _reading(p) as f:
         if key in f:
             return _read_group(_member(f, p, key), key)
         if sha256 is not None:
@@ -476,13 +476,13 @@ def _update_locked(path: Path, change: Callable[[_Update], None]) -> None:
             update.clean_up()
 
 
-@_isolated
+@spectra_reader
 def _check_spectra_file(path: Path) -> None:
-    with damage_reported(path, "spectra file"), _open(path, "r"):
+    with _reading(path):
         pass
 
 
-@_isolated
+@spectra_reader
 def _read_index(real: Path) -> tuple[dict[str, Any], dict[str, tuple[str, str]], list[str]]:
     """The root attributes of the spectra file ``real``, its external links (name: (file,
     path)) and the names of its inline groups (a 1.0 file's)."""

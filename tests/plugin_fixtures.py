@@ -68,7 +68,7 @@ def forget_fake_plugin() -> None:
 
 @pytest.fixture
 def fake_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A distribution "fakeplug" registering models tiny and broken, and data toy."""
+    """A distribution "fakeplug" registering models tiny, bn and broken, and data toy."""
     root = write_fake_plugin(tmp_path / "site")
     monkeypatch.syspath_prepend(str(root))
     importlib.invalidate_caches()

@@ -6,17 +6,12 @@ import math
 
 import pytest
 import torch
-from tiny_models import dense_hessian, make_data
+from tiny_models import _seeded, dense_hessian, make_data
 
 from subspace_cli.functional import select_parameters
 from subspace_cli.hessian import HessianOperator
 
 models = pytest.importorskip("subspace_plugins.models")
-
-
-def _seeded(factory, seed):
-    torch.manual_seed(seed)
-    return factory()
 
 
 def _operator(model, data, loss, *, train_mode=False, include=(), chunk_size=1000):

@@ -75,6 +75,12 @@ def _set_root_value(name: str) -> Callable[[click.Context, click.Parameter, Any]
     return callback
 
 
+def _root_values(ctx: click.Context | None = None) -> dict[str, Any]:
+    """What :func:`_set_root_value` kept for the running command (empty outside one)."""
+    ctx = ctx or click.get_current_context(silent=True)
+    return (ctx.find_root().obj or {}) if ctx is not None else {}
+
+
 def build_limits(ctx: click.Context | None = None) -> Any:
     """The :class:`~subspace_cli.limits.BuildLimits` of ``--max-params`` and
     ``--max-samples-build`` (defaults where not given)."""
@@ -82,8 +88,7 @@ def build_limits(ctx: click.Context | None = None) -> Any:
 
     from subspace_cli.limits import BuildLimits
 
-    ctx = ctx or click.get_current_context(silent=True)
-    given = (ctx.find_root().obj or {}) if ctx is not None else {}
+    given = _root_values(ctx)
     fields = {f.name: given[f.name] for f in dataclasses.fields(BuildLimits) if f.name in given}
     return BuildLimits(**fields)
 
@@ -174,11 +179,9 @@ def overrides_from(
 ) -> Any:
     from subspace_cli.checkpoint import SpecOverrides, parse_json_object
 
-    ctx = click.get_current_context(silent=True)
-    given = (ctx.find_root().obj or {}) if ctx is not None else {}
     return SpecOverrides(
         limits=build_limits(),
-        strip_prefix=given.get("strip_prefix"),
+        strip_prefix=_root_values().get("strip_prefix"),
         model=model,
         model_config=parse_json_object(model_config, "--model-config") if model_config else None,
         data=data,
