@@ -18,7 +18,7 @@
 WARM_TORCH := torch, torch.func, torch._dynamo, torch.distributed, safetensors.torch, \
 	subspace_cli.cli, subspace_cli.spectrum, subspace_cli.projected
 WARM_REST := scipy.sparse.linalg, scipy.optimize, scipy.stats, sklearn.datasets, mnist1d, h5py, \
-	matplotlib.pyplot, rich.progress, tabulate, sympy, pytest, xdist, hypothesis
+	matplotlib.pyplot, rich.progress, tabulate, sympy, pytest, xdist, hypothesis, transformers
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml plugins/pyproject.toml Makefile
 		|| { $(BIN)/python -m ensurepip > /dev/null && \
 		     $(BIN)/python -m pip install -q --upgrade pip 'setuptools>=77'; }
 	$(BIN)/python -m pip install -q --no-compile --no-build-isolation torch==2.13.0 -e '.[dev]' \
-		-e './plugins[datasets]'
+		-e './plugins[datasets,hf]'
 	PYTHONDONTWRITEBYTECODE= $(BIN)/python -c 'import $(WARM_TORCH)' & \
 	PYTHONDONTWRITEBYTECODE= $(BIN)/python -c 'import $(WARM_REST)'; \
 	status=$$?; wait $$! && exit $$status

@@ -35,12 +35,6 @@ def summarize(values: torch.Tensor) -> dict[str, float]:
     }
 
 
-def subset(data: TrainingData, indices: torch.Tensor) -> TrainingData:
-    """The samples at ``indices`` as an in-memory training set."""
-    x, y = data.take(indices)
-    return TrainingData(num_classes=data.num_classes, x=x, y=y)
-
-
 def operator_on(op: HessianOperator, data: TrainingData) -> HessianOperator:
     """An operator like ``op`` (model, parameters, loss, device, dtype, mode) on other data."""
     from subspace_cli.hessian import HessianOperator
@@ -131,7 +125,7 @@ def measure(
     for size in batch_sizes:
         rows = []
         for idx in minibatch_indices(n, size, batches, generator):
-            rows.append(operator_on(op, subset(op.data, idx)).loss_and_gradient()[1])
+            rows.append(operator_on(op, op.data.subset(idx)).loss_and_gradient()[1])
             done += 1
             if progress is not None:
                 progress(done, total)

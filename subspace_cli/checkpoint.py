@@ -1,4 +1,5 @@
-"""Checkpoints: safetensors with string metadata (primary), and plain ``.pt`` state_dicts.
+"""Checkpoints: safetensors with string metadata (primary), plain ``.pt`` state_dicts
+(Lightning's ``.ckpt`` too), and Hugging Face ``save_pretrained`` directories.
 
 A checkpoint is data, never code. safetensors files are read with ``safe_open``;
 ``.pt``/``.pth``/``.ckpt`` files only through ``torch.load(..., weights_only=True)``, which
@@ -70,6 +71,8 @@ class Checkpoint:
 def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Read a checkpoint without building any model."""
     p = Path(path)
+    if p.is_dir():
+        return read_hf_directory(p, read_checkpoint)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such file")
     suffix = p.suffix.lower()
@@ -102,6 +105,8 @@ def read_header(path: str | os.PathLike[str]) -> Checkpoint:
     import torch
 
     p = Path(path)
+    if p.is_dir():
+        return read_hf_directory(p, read_header)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such file")
     if p.suffix.lower() in TORCH_SUFFIXES:
@@ -126,6 +131,82 @@ def read_header(path: str | os.PathLike[str]) -> Checkpoint:
     return Checkpoint(p, {name: torch.empty(shape, dtype=dtypes.get(dtype, torch.uint8),
                                             device="meta")
                           for name, (shape, dtype) in shapes.items()}, metadata)
+
+
+#: A Hugging Face save directory: its configuration and where its weights may be.
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+HF_TORCH_WEIGHTS = "pytorch_model.bin"
+HF_MODEL_PLUGIN = "hf"
+
+
+def is_hf_directory(path: Path) -> bool:
+    """Whether ``path`` is a ``save_pretrained`` directory: ``config.json`` beside
+    ``model.safetensors``, a sharded ``model.safetensors.index.json`` or ``pytorch_model.bin``."""
+    return path.is_dir() and (path / HF_CONFIG).is_file() and any(
+        (path / name).is_file() for name in (HF_WEIGHTS, HF_INDEX, HF_TORCH_WEIGHTS))
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _shards(p: Path) -> list[Path]:
+    """The weight files of a save directory, and a check that a sharded index is whole."""
+    if (p / HF_WEIGHTS).is_file():
+        return [p / HF_WEIGHTS]
+    if not (p / HF_INDEX).is_file():
+        return [p / HF_TORCH_WEIGHTS]
+    weight_map = _json_file(p / HF_INDEX).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{p / HF_INDEX}: no weight_map of tensor names to shard files")
+    names = sorted({str(v) for v in weight_map.values()})
+    for name in names:  # shards live in the directory itself: no path leads elsewhere
+        if Path(name).name != name or name.startswith(".") or not name.endswith(".safetensors"):
+            raise CheckpointError(f"{p / HF_INDEX}: shard {name!r} is not a .safetensors file "
+                                  "of this directory")
+        if not (p / name).is_file():
+            raise CheckpointError(f"{p}: shard {name} named by {HF_INDEX} is missing")
+    return [p / name for name in names]
+
+
+def read_hf_directory(p: Path, read: Any) -> Checkpoint:
+    """A ``save_pretrained`` directory as one checkpoint: its shards' tensors (each read by
+    ``read``, :func:`read_checkpoint` or :func:`read_header`), and metadata that names the
+    ``hf`` model plugin with the directory's ``config.json`` as its config (data and loss come
+    from the command line, as for a plain state_dict)."""
+    if not is_hf_directory(p):
+        raise CheckpointError(
+            f"{p}: a directory, but not a Hugging Face save directory ({HF_CONFIG} beside "
+            f"{HF_WEIGHTS}, a sharded {HF_INDEX} or {HF_TORCH_WEIGHTS})"
+        )
+    config = _json_file(p / HF_CONFIG)
+    tensors: dict[str, torch.Tensor] = {}
+    shards = _shards(p)
+    for shard in shards:
+        part = read(shard).tensors
+        twice = sorted(set(part) & set(tensors))
+        if twice:
+            raise CheckpointError(f"{p}: tensors in more than one shard: {_name_list(twice)}")
+        tensors.update(part)
+    if not (p / HF_WEIGHTS).is_file() and (p / HF_INDEX).is_file():  # sharded
+        listed = set(_json_file(p / HF_INDEX)["weight_map"])
+        if listed != set(tensors):
+            gap = sorted(listed ^ set(tensors))
+            raise CheckpointError(f"{p}: {HF_INDEX} and its shards disagree on "
+                                  f"{_name_list(gap)}")
+    metadata = {KEY_MODEL: HF_MODEL_PLUGIN,
+                KEY_MODEL_CONFIG: json.dumps({"config": config}, sort_keys=True)}
+    return Checkpoint(p, tensors, metadata)
 
 
 def _read_torch_state_dict(p: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
@@ -378,12 +459,46 @@ def _name_list(names: list[str], limit: int = 10) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """Tensor names that are another name's tensor (tied weights: a language model's output
+    layer and its input embedding), each mapped to the first name of its tensor."""
+    import itertools
+
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                        model.named_buffers(remove_duplicate=False)):
+        if id(tensor) in first:
+            aliases[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return aliases
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict without its tied aliases: what a checkpoint of it holds (as
+    ``save_pretrained`` writes it; safetensors stores no tensor twice)."""
+    aliases = tied_names(model)
+    return {name: t for name, t in model.state_dict().items() if name not in aliases}
+
+
+def _fold(tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every tied alias under its first name (a file may hold either)."""
+    folded = {name: t for name, t in tensors.items() if name not in aliases}
+    for alias, source in aliases.items():
+        if alias in tensors and source not in tensors:
+            folded[source] = tensors[alias]
+    return folded
+
+
 def load_state_strict(model: torch.nn.Module, ckpt: Checkpoint,
                       strip_prefix: str | None = None) -> Checkpoint:
     """Load ``ckpt``'s tensors into ``model``, naming every missing, unexpected or misshapen
-    tensor; names are matched by :func:`match_names`, whose checkpoint is returned."""
-    expected = model.state_dict()
-    ckpt = match_names(expected, ckpt, strip_prefix)
+    tensor; names are matched by :func:`match_names`, whose checkpoint is returned. Tied
+    weights are one tensor: the file holds it under either name."""
+    aliases = tied_names(model)
+    expected = model_state(model)
+    ckpt = match_names(expected, ckpt, strip_prefix, aliases)
     given = ckpt.tensors
     import torch
 
@@ -392,7 +507,11 @@ def load_state_strict(model: torch.nn.Module, ckpt: Checkpoint,
         # Plugins build float32 models; loading float64 weights (a --dtype float64 run's
         # checkpoints) into them would round. Every consumer casts to its compute dtype.
         model.double()
-    model.load_state_dict(given, strict=True)
+    result = model.load_state_dict(given, strict=False)
+    left = sorted(set(result.missing_keys) - set(aliases)) + sorted(result.unexpected_keys)
+    if left:  # check_tensors has matched the names: nothing is left unless torch disagrees
+        raise CheckpointError(f"{ckpt.path}: tensors do not load into the model: "
+                              f"{_name_list(left)}")
     return ckpt
 
 
@@ -405,32 +524,39 @@ def _under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
 
 
 def match_names(expected: dict[str, torch.Tensor], ckpt: Checkpoint,
-                strip_prefix: str | None = None) -> Checkpoint:
-    """``ckpt`` with tensor names that are the model's (``expected``, a state_dict), its shapes
-    checked (:func:`check_tensors`).
+                strip_prefix: str | None = None,
+                aliases: dict[str, str] | None = None) -> Checkpoint:
+    """``ckpt`` with tensor names that are the model's (``expected``, :func:`model_state`),
+    its shapes checked (:func:`check_tensors`); a tied alias (``aliases``, from
+    :func:`tied_names`) is read under its first name.
 
     With ``strip_prefix`` the tensors under that prefix are taken, without it (a Lightning
     module saves its ``self.model`` as ``model.…``). Without it, names that do not match are
     matched by the one prefix, if exactly one, whose tensors are exactly the model's; the
     result says which (``prefix``).
     """
+    aliases = aliases or {}
     given = ckpt.tensors
     if strip_prefix is None:
-        if set(given) == set(expected):
+        folded = _fold(given, aliases)
+        if set(folded) == set(expected):
+            ckpt = Checkpoint(ckpt.path, folded, ckpt.metadata) if folded != given else ckpt
             check_tensors(expected, ckpt)
             return ckpt
         candidates = {name[:end + 1] for name in given
                       for end in [i for i, c in enumerate(name) if c == "."][:_PREFIX_DEPTH]}
-        fits = sorted(p for p in candidates if set(_under(given, p)) == set(expected))
+        fits = sorted(p for p in candidates
+                      if set(_fold(_under(given, p), aliases)) == set(expected))
         if len(fits) != 1:
             try:
-                check_tensors(expected, ckpt)
+                check_tensors(expected, Checkpoint(ckpt.path, folded, ckpt.metadata))
             except CheckpointError as exc:
                 hint = (f"; the names fit under more than one prefix ({', '.join(fits)}): pass "
                         "--strip-prefix" if fits else "")
                 raise CheckpointError(f"{exc}{hint}") from None
         strip_prefix = fits[0]
-    renamed = Checkpoint(ckpt.path, _under(given, strip_prefix), ckpt.metadata, strip_prefix)
+    renamed = Checkpoint(ckpt.path, _fold(_under(given, strip_prefix), aliases), ckpt.metadata,
+                         strip_prefix)
     if not renamed.tensors:
         raise CheckpointError(f"{ckpt.path}: no tensor name starts with --strip-prefix "
                               f"{strip_prefix!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -13,9 +14,11 @@ from subspace_cli.checkpoint import (
     SpecOverrides,
     load_state_strict,
     match_names,
+    model_state,
     read_checkpoint,
     read_header,
     resolve_spec,
+    tied_names,
 )
 from subspace_cli.data import TrainingData
 from subspace_cli.errors import CheckpointError, InputError, PluginError, SubspaceError
@@ -135,7 +138,7 @@ def _check_before_building(name: str, factory: Any, config: dict[str, Any],
             "this machine's memory can analyse; raise --max-params to build it)"
         )
     if against is not None:
-        match_names(probe.state_dict(), against, strip_prefix)
+        match_names(model_state(probe), against, strip_prefix, tied_names(probe))
 
 
 def complete_model_config(
@@ -144,7 +147,8 @@ def complete_model_config(
     """Fill the model config's data-dependent keys that the user left out.
 
     Only keys the factory accepts by name are filled: ``num_classes``, ``input_dim`` (features
-    per sample), ``input_shape`` (shape of one sample) and ``seq_len`` (first sample dimension).
+    per sample), ``input_shape`` (shape of one sample) and ``seq_len`` (first sample dimension;
+    for named inputs, the length of the first entry's rows, e.g. of ``input_ids``).
     """
     import torch
 
@@ -154,13 +158,17 @@ def complete_model_config(
     except (TypeError, ValueError):
         return dict(config)
     x0, _ = data.take(torch.arange(1))
-    shape = list(x0.shape[1:])
-    derived: dict[str, Any] = {
-        "num_classes": int(data.num_classes),
-        "input_dim": int(x0[0].numel()),
-        "input_shape": shape,
-        "seq_len": int(shape[0]) if shape else 1,
-    }
+    derived: dict[str, Any] = {"num_classes": int(data.num_classes)}
+    if isinstance(x0, Mapping):  # named inputs: only a sequence length is meaningful
+        first = next(iter(x0.values()))
+        derived["seq_len"] = int(first.shape[1]) if first.dim() > 1 else 1
+    else:
+        shape = list(x0.shape[1:])
+        derived.update({
+            "input_dim": int(x0[0].numel()),
+            "input_shape": shape,
+            "seq_len": int(shape[0]) if shape else 1,
+        })
     out = dict(config)
     for key, value in derived.items():
         if key in params and key not in out:
@@ -205,6 +213,14 @@ def check_finite_weights(ckpt: Checkpoint) -> None:
                 )
 
 
+def checkpoint_format(path: Path) -> str:
+    """What kind of checkpoint ``path`` is, as ``inspect`` names it."""
+    if path.is_dir():
+        return "hugging face directory"
+    suffix = path.suffix.lower()
+    return {".safetensors": "safetensors", ".ckpt": "lightning"}.get(suffix, "torch")
+
+
 def describe_checkpoint(path: Path, overrides: SpecOverrides) -> dict[str, Any]:
     """What ``inspect`` reports: the file's metadata and tensors, the plugins its metadata
     resolves to, and the parameter count of the model built from them with the weights loaded
@@ -216,8 +232,7 @@ def describe_checkpoint(path: Path, overrides: SpecOverrides) -> dict[str, Any]:
     ckpt = read_header(path)  # tensors are read (and hashed) only once they match the model
     report: dict[str, Any] = {
         "checkpoint": str(path),
-        "format": "safetensors" if path.suffix.lower() == ".safetensors" else (
-            "lightning" if path.suffix.lower() == ".ckpt" else "torch"),
+        "format": checkpoint_format(path),
         "sha256": None,
         "metadata": dict(sorted(ckpt.metadata.items())),
         "n_tensors": len(ckpt.tensors),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from subspace_cli.data import Inputs, model_arguments, output_tensor
 from subspace_cli.errors import UsageError
 
 
@@ -225,12 +226,13 @@ class FunctionalModel:
         """The model's modules in this model's train/eval mode, restored afterwards."""
         return module_mode(self.model, self.train_mode)
 
-    def __call__(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The model's output at the flat ``theta``."""
+    def __call__(self, theta: torch.Tensor, x: Inputs) -> torch.Tensor:
+        """The model's logits at the flat ``theta`` for the inputs ``x`` (a tensor, or named
+        tensors passed as keyword arguments)."""
         tensors: dict[str, torch.Tensor] = dict(self.fixed)
         tensors.update(self.layout.unflatten(theta))
         # Fresh buffer clones for every call: train-mode BatchNorm updates running statistics in
         # place, and neither the model's buffers nor our copies may change.
         tensors.update({name: buffer.clone() for name, buffer in self.buffers.items()})
-        output: torch.Tensor = torch.func.functional_call(self.model, tensors, (x,))
-        return output
+        args, kwargs = model_arguments(x)
+        return output_tensor(torch.func.functional_call(self.model, tensors, args, kwargs))

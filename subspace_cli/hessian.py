@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from subspace_cli import hvp
-from subspace_cli.data import TrainingData
+from subspace_cli.data import Inputs, TrainingData, batch_len
 from subspace_cli.errors import UsageError
 from subspace_cli.operator import ChunkedOperator
 from subspace_cli.settings import HVP_METHODS
@@ -159,7 +159,7 @@ class HessianOperator(ChunkedOperator):
         self.probe_hvps, self.probe_runs = 0.0, 0
         self.method_seconds = dict(self.method_seconds)
 
-    def _chunk_product(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor,
+    def _chunk_product(self, x: Inputs, y: torch.Tensor, vectors: torch.Tensor,
                        index: int) -> torch.Tensor:
         if self._method is None:
             return self._choose_method(x, y, vectors, index)
@@ -168,7 +168,7 @@ class HessianOperator(ChunkedOperator):
         except (RuntimeError, NotImplementedError) as error:
             raise hvp.explain(error, self._method) from error
 
-    def _hvp(self, method: str, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor,
+    def _hvp(self, method: str, x: Inputs, y: torch.Tensor, vectors: torch.Tensor,
              index: int | None = None) -> torch.Tensor:
         """The chunk's HVPs by ``method`` (a :func:`subspace_cli.hvp.race` product)."""
         batched = not method.endswith("-loop")
@@ -182,7 +182,7 @@ class HessianOperator(ChunkedOperator):
         return hvp.reverse_hvp(theta, grad, vectors, batched=batched, state=self._reverse)
 
     def _choose_method(
-        self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor, index: int
+        self, x: Inputs, y: torch.Tensor, vectors: torch.Tensor, index: int
     ) -> torch.Tensor:
         """Pick the HVP method on the first product: without timing where the answer is known
         or was measured before, else by a race.
@@ -203,7 +203,7 @@ class HessianOperator(ChunkedOperator):
         if known is None:
             from subspace_cli.usercache import read_entry
 
-            cached = read_entry(_METHOD_CACHE, self._method_cache_key(m, x.shape[0]))
+            cached = read_entry(_METHOD_CACHE, self._method_cache_key(m, batch_len(x)))
             known = cached if cached in HVP_METHODS[1:] else None
             choice = "cached"
         if known is not None:
@@ -221,7 +221,7 @@ class HessianOperator(ChunkedOperator):
         self.probe_hvps = result.work / self.n_samples
         from subspace_cli.usercache import write_entry
 
-        write_entry(_METHOD_CACHE, self._method_cache_key(m, x.shape[0]), result.method)
+        write_entry(_METHOD_CACHE, self._method_cache_key(m, batch_len(x)), result.method)
         return result.product
 
     def _method_cache_key(self, m: int, chunk: int) -> str:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from subspace_cli.data import Inputs, batch_len, index_inputs
 from subspace_cli.errors import NumericalError
 from subspace_cli.settings import HVP_METHODS
 
@@ -191,7 +192,7 @@ def graph_bytes(root: torch.Tensor | None) -> int:
 
 #: ``product(method, x, y, vectors, index)``: a chunk's HVPs by one method; ``index`` is the
 #: chunk's position (for kept graphs), ``None`` for a slice that must not be kept.
-ChunkProduct = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor, "int | None"],
+ChunkProduct = Callable[[str, Inputs, torch.Tensor, torch.Tensor, "int | None"],
                         torch.Tensor]
 
 
@@ -228,7 +229,7 @@ def race(product: ChunkProduct, x: torch.Tensor, y: torch.Tensor, vectors: torch
     Raises:
         NumericalError: (via :func:`explain`) when no method can differentiate the loss.
     """
-    m, chunk = vectors.shape[0], x.shape[0]
+    m, chunk = vectors.shape[0], batch_len(x)
     warm = min(chunk, PROBE_WARMUP_SAMPLES)
     names = [name for name in HVP_METHODS[1:] if m > 1 or name.endswith("-loop")]
     errors: dict[str, BaseException] = {}
@@ -241,7 +242,7 @@ def race(product: ChunkProduct, x: torch.Tensor, y: torch.Tensor, vectors: torch
             continue
         work += min(m, 2) * warm
         try:
-            product(name, x[:warm], y[:warm], vectors[:2], None)
+            product(name, index_inputs(x, slice(0, warm)), y[:warm], vectors[:2], None)
         except (RuntimeError, NotImplementedError) as error:
             errors[mode] = error
             if failing_operation(error) is not None:

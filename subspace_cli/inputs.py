@@ -36,6 +36,22 @@ def find_files(root: Path, pattern: str) -> list[Path]:
                   if fnmatch.fnmatchcase(name, pattern) and (directory / name).is_file())
 
 
+def find_checkpoints(root: Path, pattern: str) -> list[Path]:
+    """Checkpoints below ``root``: files matching ``pattern`` and Hugging Face save
+    directories (each one checkpoint, not searched further), sorted (loop-safe)."""
+    from subspace_cli.checkpoint import is_hf_directory
+
+    found = []
+    for directory, dirnames, names in _walk(root):
+        if is_hf_directory(directory):
+            found.append(directory)
+            dirnames[:] = []  # its files are the checkpoint's, not checkpoints of their own
+            continue
+        found += [directory / name for name in names
+                  if fnmatch.fnmatchcase(name, pattern) and (directory / name).is_file()]
+    return sorted(found)
+
+
 def _match(parts: Sequence[str], names: Sequence[str]) -> bool:
     """Glob semantics on path segments: ``**`` is zero or more directories; names starting
     with a dot match only a pattern that starts with one."""
@@ -81,10 +97,13 @@ class Input:
 def expand_inputs(args: Sequence[str], pattern: str = "*.safetensors") -> list[Input]:
     """Expand command-line arguments into inputs, in order, without duplicates.
 
-    A directory contributes every file matching ``pattern`` below it (sorted); a glob contributes
-    its matches (sorted); an argument that yields nothing becomes an input carrying an error, so
-    it is reported while the rest go on.
+    A directory contributes every file matching ``pattern`` below it (sorted), a Hugging Face
+    save directory being one checkpoint; a glob contributes its matches (sorted); an argument
+    that yields nothing becomes an input carrying an error, so it is reported while the rest go
+    on.
     """
+    from subspace_cli.checkpoint import is_hf_directory
+
     out: list[Input] = []
     seen: set[Path] = set()
 
@@ -98,14 +117,14 @@ def expand_inputs(args: Sequence[str], pattern: str = "*.safetensors") -> list[I
     for arg in args:
         path = Path(arg)
         if path.is_dir():
-            matches = find_files(path, pattern)
+            matches = find_checkpoints(path, pattern)
             if not matches:
                 out.append(Input(arg, None, f"no {pattern} files under directory {arg}"))
             add(arg, matches)
         elif path.exists():
             add(arg, [path])
         elif GLOB_CHARS & set(arg):
-            matches = [m for m in glob_paths(arg) if m.is_file()]
+            matches = [m for m in glob_paths(arg) if m.is_file() or is_hf_directory(m)]
             if not matches:
                 out.append(Input(arg, None, f"pattern {arg} matched no files"))
             add(arg, matches)

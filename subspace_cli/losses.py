@@ -8,6 +8,12 @@ summed over the C outputs and averaged over the N samples. ``ce`` is the mean cr
 
     L(θ) = (1/N) Σ_n −log softmax(f(x_n; θ))_{y_n}.
 
+Token-level tasks (labels of shape ``(N, T)``, logits ``(N, T, C)``) are weighted by tokens:
+the sums run over every labelled token and N becomes the number of labelled tokens in the whole
+training set, so a long sequence weighs more than a short one, as in Hugging Face's causal
+language-model loss. A label equal to :data:`~subspace_cli.data.IGNORE_INDEX` (padding) is left
+out of the sum and of the count, under either loss.
+
 Hessian eigenvalues scale with the convention, so it is stored wherever a result is.
 """
 
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from subspace_cli.data import IGNORE_INDEX
 from subspace_cli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -30,17 +37,26 @@ def check_loss(name: str) -> str:
 
 
 def loss_sum(name: str, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Sum over the samples of a chunk of the per-sample loss (divide by N for the mean)."""
+    """Sum over the labelled units (samples, or tokens) of a chunk of the per-unit loss
+    (divide by their number over the training set for the mean)."""
     import torch.nn.functional as F
 
-    if name == "mse":
-        target = F.one_hot(y.long(), num_classes=output.shape[-1]).to(output.dtype)
-        return 0.5 * ((output - target) ** 2).sum()
-    if name == "ce":
-        return F.cross_entropy(output, y.long(), reduction="sum")
-    raise UsageError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
+    if name not in LOSSES:
+        raise UsageError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
+    if output.dim() > 2:  # one prediction per token: (N, T, C) with labels (N, T)
+        output, y = output.reshape(-1, output.shape[-1]), y.reshape(-1)
+    y = y.long()
+    if name == "ce":  # cross_entropy leaves IGNORE_INDEX out by itself
+        return F.cross_entropy(output, y, reduction="sum", ignore_index=IGNORE_INDEX)
+    ignored = y == IGNORE_INDEX
+    if bool(ignored.any()):
+        target = F.one_hot(y.masked_fill(ignored, 0), num_classes=output.shape[-1])
+        kept = (~ignored).unsqueeze(-1).to(output.dtype)
+        return 0.5 * (((output - target.to(output.dtype)) * kept) ** 2).sum()
+    target = F.one_hot(y, num_classes=output.shape[-1]).to(output.dtype)
+    return 0.5 * ((output - target) ** 2).sum()
 
 
 def correct_count(output: torch.Tensor, y: torch.Tensor) -> int:
-    """Number of samples whose arg-max output is the label."""
-    return int((output.argmax(dim=-1) == y).sum())
+    """Number of labelled units whose arg-max output is the label."""
+    return int(((output.argmax(dim=-1) == y) & (y != IGNORE_INDEX)).sum())

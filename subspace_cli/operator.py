@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from subspace_cli import parallel
-from subspace_cli.data import TrainingData, iter_chunks, sample_count
+from subspace_cli.data import (
+    IGNORE_INDEX,
+    Inputs,
+    TrainingData,
+    iter_chunks,
+    sample_count,
+    unit_count,
+)
 from subspace_cli.errors import NumericalError, UsageError
 from subspace_cli.functional import FunctionalModel, ParameterLayout, select_parameters
 from subspace_cli.losses import check_loss, correct_count, loss_sum
@@ -87,6 +94,7 @@ class ChunkedOperator(ABC):
         if self.n_samples == 0:
             raise UsageError("the training set is empty")
         self.hvp_count = 0
+        self.n_units: int | None = None  # labelled units (samples or tokens), after one pass
         self.functional = FunctionalModel(model, self.layout, device=self.device, dtype=dtype,
                                           train_mode=self.train_mode)
         self._theta = (self.functional.current_parameters() if parameters is None
@@ -126,10 +134,12 @@ class ChunkedOperator(ABC):
         if m == 0:
             return torch.zeros_like(vectors)
         sums = torch.zeros_like(vectors)
+        units = 0
         with self.functional.mode():
             for index, (x, y) in enumerate(self._chunks()):
                 sums += self._chunk_product(x, y, vectors, index)
-        result = parallel.mean(sums, self.n_samples)
+                units += unit_count(y)
+        result = parallel.mean(sums, self._units(units))
         if not bool(torch.isfinite(result).all()):
             raise NumericalError(
                 f"a {self.product_name} is not finite (does the loss or the model overflow?"
@@ -152,6 +162,7 @@ class ChunkedOperator(ABC):
         # One vector [loss, correct, gradient...] so that a data-parallel reduction is one call.
         sums = torch.zeros(n + 2, device=self.device, dtype=self.dtype)
         theta = self._theta.detach().requires_grad_(True)
+        units = 0
         with self.functional.mode(), torch.enable_grad():
             for x, y in self._chunks():
                 output = self.functional(theta, x)
@@ -159,9 +170,10 @@ class ChunkedOperator(ABC):
                 (grad,) = torch.autograd.grad(chunk_loss, theta, allow_unused=True)
                 sums[0] += chunk_loss.detach()
                 sums[1] += correct_count(output.detach(), y)
+                units += unit_count(y)
                 if grad is not None:
                     sums[2:] += grad
-        mean = parallel.mean(sums, self.n_samples)
+        mean = parallel.mean(sums, self._units(units))
         if not bool(torch.isfinite(mean).all()):
             raise NumericalError("the loss or its gradient is not finite")
         return float(mean[0]), mean[2:].clone(), float(mean[1])
@@ -186,17 +198,28 @@ class ChunkedOperator(ABC):
 
     # ------------------------------------------------------------------ for subclasses
 
-    def _chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _chunks(self) -> Iterator[tuple[Inputs, torch.Tensor]]:
         return iter_chunks(self.data, self.chunk_size, self.max_samples, self.device, self.dtype)
 
-    def _chunk_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The *sum* of the per-sample losses of a chunk at ``theta``."""
+    def _units(self, units: int) -> int:
+        """The divisor of a pass's sums: its labelled units (samples, or tokens); the same in
+        every pass."""
+        if units == 0:
+            raise UsageError(
+                f"no label of the training set takes part in the loss (all are {IGNORE_INDEX},"
+                " the ignore index)"
+            )
+        self.n_units = units
+        return units
+
+    def _chunk_loss(self, theta: torch.Tensor, x: Inputs, y: torch.Tensor) -> torch.Tensor:
+        """The *sum* of the per-unit losses of a chunk at ``theta``."""
         return loss_sum(self.loss, self.functional(theta, x), y)
 
     @abstractmethod
-    def _chunk_product(self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor,
+    def _chunk_product(self, x: Inputs, y: torch.Tensor, vectors: torch.Tensor,
                        index: int) -> torch.Tensor:
-        """Sum over the chunk's samples of the per-sample matrix applied to each row."""
+        """Sum over the chunk's labelled units of the per-sample matrix applied to each row."""
 
     @abstractmethod
     def _moved(self) -> None:

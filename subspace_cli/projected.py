@@ -30,7 +30,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from subspace_cli.data import TrainingData, iter_chunks
+from subspace_cli.data import (
+    IGNORE_INDEX,
+    TrainingData,
+    iter_chunks,
+    model_arguments,
+    output_tensor,
+    unit_count,
+)
 from subspace_cli.errors import NumericalError, UsageError
 from subspace_cli.losses import correct_count, loss_sum
 from subspace_cli.projection import MODES, alignment, project, split
@@ -260,8 +267,7 @@ def loss_and_gradient(
     from subspace_cli.functional import module_mode
 
     if indices is not None:
-        x, y = data.take(indices)
-        data = TrainingData(num_classes=data.num_classes, x=x, y=y)
+        data = data.subset(indices)
     selected = set(layout.names)
     fixed = {name: p.detach() for name, p in model.named_parameters() if name not in selected}
     buffers = dict(model.named_buffers())
@@ -274,14 +280,17 @@ def loss_and_gradient(
         for x, y in iter_chunks(data, chunk_size or max(n, 1), None, device, dtype):
             state = {**fixed, **params, **(buffers if update_buffers else {
                 name: b.clone() for name, b in buffers.items()})}
-            out = torch.func.functional_call(model, state, (x,))
+            args, kwargs = model_arguments(x)
+            out = output_tensor(torch.func.functional_call(model, state, args, kwargs))
             chunk_loss = loss_sum(loss, out, y)
             (grad,) = torch.autograd.grad(chunk_loss, flat, allow_unused=True)
             if grad is not None:  # None: the loss does not depend on θ (a constant model)
                 total += grad
             loss_total += float(chunk_loss.detach())
             correct += correct_count(out.detach(), y)
-            count += len(y)
+            count += unit_count(y)
+    if count == 0:
+        raise UsageError(f"no label of the batch takes part in the loss (all are {IGNORE_INDEX})")
     return loss_total / count, total / count, correct / count
 
 
@@ -682,4 +691,6 @@ class ProjectedTraining:
 def parameters_tensor_dict(training: ProjectedTraining) -> dict[str, Any]:
     """The model's state_dict at the current θ (what a checkpoint stores)."""
     set_parameters(training.model, training.layout, training.theta)
-    return {k: v.detach().cpu() for k, v in training.model.state_dict().items()}
+    from subspace_cli.checkpoint import model_state
+
+    return {k: v.detach().cpu() for k, v in model_state(training.model).items()}

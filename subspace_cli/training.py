@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from subspace_cli.data import TrainingData, iter_chunks
+from subspace_cli.data import IGNORE_INDEX, TrainingData, iter_chunks, run_model, unit_count
 from subspace_cli.errors import InputError
 from subspace_cli.losses import correct_count, loss_sum
 
@@ -17,15 +17,19 @@ if TYPE_CHECKING:
 class Evaluation:
     loss: float
     accuracy: float
-    n_samples: int
+    n_units: int  # labelled units averaged over: samples, or tokens for token labels
 
 
-def check_output(output: torch.Tensor, data: TrainingData) -> None:
-    """The model's output must be (batch, C) with C equal to the data's number of classes."""
-    if output.ndim != 2 or output.shape[1] != data.num_classes:
+def check_output(output: torch.Tensor, y: torch.Tensor, data: TrainingData) -> None:
+    """The model's output must be one row of C logits per label (``(batch, C)``, or
+    ``(batch, T, C)`` for token labels), C the data's number of classes."""
+    expected = (*y.shape, data.num_classes)
+    if tuple(output.shape) != expected:
+        shape = ", ".join(["batch", *map(str, expected[1:])])
         raise InputError(
             f"model output has shape {tuple(output.shape)}, but the data has "
-            f"{data.num_classes} classes: expected (batch, {data.num_classes})"
+            f"{data.num_classes} classes and labels of shape {tuple(y.shape)}: expected "
+            f"({shape})"
         )
 
 
@@ -46,13 +50,16 @@ def evaluate(
     try:
         with torch.no_grad():
             for x, y in iter_chunks(data, chunk_size, max_samples):
-                out = model(x)
-                check_output(out, data)
+                out = run_model(model, x)
+                check_output(out, y, data)
                 total += float(loss_sum(loss, out, y))
                 correct += correct_count(out, y)
-                count += len(y)
+                count += unit_count(y)
     finally:
         model.train(was_training)
+    if count == 0:
+        raise InputError("no label of the training set takes part in the loss (all are "
+                         f"{IGNORE_INDEX}, the ignore index)")
     return Evaluation(total / count, correct / count, count)
 
 
@@ -63,7 +70,12 @@ def initialise_checkpoint(model: str, model_config: str, data: str, data_config:
     ``subspace init`` prints."""
     from pathlib import Path
 
-    from subspace_cli.checkpoint import ExperimentSpec, parse_json_object, write_checkpoint
+    from subspace_cli.checkpoint import (
+        ExperimentSpec,
+        model_state,
+        parse_json_object,
+        write_checkpoint,
+    )
     from subspace_cli.errors import UsageError
     from subspace_cli.experiment import build_data, build_model, complete_model_config
 
@@ -82,7 +94,7 @@ def initialise_checkpoint(model: str, model_config: str, data: str, data_config:
     stats = evaluate(net, dataset, loss)
     metadata = spec.to_metadata(step=0)
     metadata["subspace.seed"] = str(seed)
-    write_checkpoint(output, net.state_dict(), metadata, overwrite=overwrite)
+    write_checkpoint(output, model_state(net), metadata, overwrite=overwrite)
     summary = {
         "checkpoint": output,
         "model": model,

@@ -26,6 +26,33 @@ def bn(input_dim=3, num_classes=2, width=4, dropout=0.0):
     return torch.nn.Sequential(*layers)
 
 
+class Masked(torch.nn.Module):
+    # Token sequences in, keyword arguments input_ids and attention_mask: an embedding, a
+    # mixing layer and a running mean over the unmasked tokens so far; one output per sequence
+    # (its mean), or one per token (token_level); tied: the head is the embedding.
+
+    def __init__(self, vocab, num_classes, width, token_level, tied):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.mix = torch.nn.Linear(width, width)
+        self.head = torch.nn.Linear(width, num_classes)
+        self.token_level = token_level
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, input_ids, attention_mask=None):
+        h = torch.tanh(self.mix(self.embed(input_ids)))
+        m = (torch.ones_like(input_ids) if attention_mask is None else attention_mask)
+        m = m.unsqueeze(-1).to(h.dtype)
+        if self.token_level:
+            return self.head((h * m).cumsum(1) / m.cumsum(1).clamp(min=1))
+        return self.head((h * m).sum(1) / m.sum(1).clamp(min=1))
+
+
+def masked(vocab=12, num_classes=3, width=4, token_level=False, tied=False):
+    return Masked(vocab, num_classes, width, token_level, tied)
+
+
 def toy(n=12, input_dim=3, num_classes=2):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, input_dim, generator=g)
@@ -42,6 +69,7 @@ ENTRY_POINTS = """
 [subspace.models]
 tiny = fakeplug_mod:tiny
 bn = fakeplug_mod:bn
+masked = fakeplug_mod:masked
 broken = fakeplug_broken:factory
 
 [subspace.data]
@@ -50,8 +78,8 @@ toy = fakeplug_mod:toy
 
 
 def write_fake_plugin(root: Path) -> Path:
-    """Write the distribution "fakeplug" (models tiny, bn and broken, data toy) under
-    ``root``."""
+    """Write the distribution "fakeplug" (models tiny, bn, masked and broken, data toy)
+    under ``root``."""
     info = root / "fakeplug-1.0.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeplug\nVersion: 1.0\n")
@@ -68,7 +96,8 @@ def forget_fake_plugin() -> None:
 
 @pytest.fixture
 def fake_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A distribution "fakeplug" registering models tiny, bn and broken, and data toy."""
+    """A distribution "fakeplug" registering models tiny, bn, masked and broken, and data
+    toy."""
     root = write_fake_plugin(tmp_path / "site")
     monkeypatch.syspath_prepend(str(root))
     importlib.invalidate_caches()

@@ -360,19 +360,25 @@ def test_tensors_file_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize(
-    ("group", "module", "names"),
+    ("group", "modules"),
     [
-        ("subspace.models", models, ["cnn", "mlp", "resnet", "transformer", "vgg"]),
-        ("subspace.data", datasets, ["digits", "mnist1d", "tensors"]),
+        ("subspace.models", {"cnn": models, "mlp": models, "resnet": models,
+                             "transformer": models, "vgg": models, "hf": "subspace_plugins.hf"}),
+        ("subspace.data", {"digits": datasets, "mnist1d": datasets, "tensors": datasets,
+                           "tokens": datasets}),
     ],
 )
-def test_entry_points_are_registered(group: str, module: object, names: list[str]) -> None:
+def test_entry_points_are_registered(group: str, modules: dict[str, object]) -> None:
+    import importlib
+
     try:
         distribution("subspace-plugins")
     except PackageNotFoundError:
         pytest.skip("subspace-plugins is not installed (pip install -e plugins --no-deps)")
     found = {ep.name: ep for ep in entry_points(group=group) if ep.dist.name == "subspace-plugins"}
-    assert sorted(found) == names
+    assert sorted(found) == sorted(modules)
     for name, ep in found.items():
+        module = modules[name]
+        module = importlib.import_module(module) if isinstance(module, str) else module
         assert ep.value == f"{module.__name__}:{name}"  # type: ignore[attr-defined]
         assert ep.load() is getattr(module, name)

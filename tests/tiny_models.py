@@ -190,7 +190,12 @@ def dense_hessian(
     flat = torch.cat([param.detach().reshape(-1) for _, param in model.named_parameters()])
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     assert data.x is not None and data.y is not None
-    x = data.x.to(torch.float64) if data.x.is_floating_point() else data.x
+    if isinstance(data.x, dict):  # named inputs, passed as keyword arguments
+        args, kwargs = (), {k: v.double() if v.is_floating_point() else v
+                            for k, v in data.x.items()}
+    else:
+        args, kwargs = (data.x.to(torch.float64) if data.x.is_floating_point() else data.x,), {}
+    labelled = int((data.y != -100).sum())  # samples, or the tokens that carry a label
 
     def full_loss(theta: torch.Tensor) -> torch.Tensor:
         pieces = theta.split([math.prod(shape) for shape in shapes])
@@ -198,8 +203,10 @@ def dense_hessian(
             name: piece.view(shape)
             for name, piece, shape in zip(names, pieces, shapes, strict=True)
         }
-        output = torch.func.functional_call(model, {**params, **buffers}, (x,))
-        return loss_sum(loss, output, data.y) / len(data)
+        output = torch.func.functional_call(model, {**params, **buffers}, args, kwargs)
+        if not isinstance(output, torch.Tensor):  # a Hugging Face ModelOutput
+            output = output.logits
+        return loss_sum(loss, output, data.y) / labelled
 
     return torch.autograd.functional.hessian(full_loss, flat)
 

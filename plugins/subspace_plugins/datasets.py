@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from subspace_cli.data import TrainingData
+from subspace_cli.data import IGNORE_INDEX, TrainingData
 from subspace_plugins import (
     MissingDependencyError,
     _boolean,
@@ -26,7 +26,7 @@ from subspace_plugins import (
     _string,
 )
 
-__all__ = ["mnist1d", "digits", "tensors", "mnist1d_num_samples"]
+__all__ = ["mnist1d", "digits", "tensors", "tokens", "mnist1d_num_samples"]
 
 MNIST1D_INSTALL = (
     "install mnist1d to use the mnist1d dataset (pip install 'subspace-plugins[datasets]')"
@@ -153,20 +153,10 @@ def tensors(
         y_key: Name of the label array.
     """
     where = "tensors"
-    file = Path(
-        path if isinstance(path, os.PathLike) else _string(where, "path", path)
-    ).expanduser()
     num_classes = _optional_integer(where, "num_classes", num_classes, 1)
     x_key = _string(where, "x_key", x_key)
     y_key = _string(where, "y_key", y_key)
-    suffix = file.suffix.lower()
-    if suffix not in _SUFFIXES:
-        raise ValueError(
-            f"tensors: {str(file)!r} has an unsupported extension; "
-            f"use one of {', '.join(_SUFFIXES)}"
-        )
-    if not file.is_file():
-        raise ValueError(f"tensors: no such file {str(file)!r}")
+    file, suffix = _data_file(where, path)
 
     try:
         x_array, y_array = _read_arrays(file, suffix, x_key, y_key)
@@ -184,14 +174,35 @@ def tensors(
         )
     if len(y) == 0:
         raise ValueError(f"tensors: {str(file)!r} holds no samples")
-    largest = int(y.max())
+    return TrainingData(num_classes=_classes("tensors", file, y, num_classes), x=x, y=y)
+
+
+def _classes(where: str, file: Path, labels: torch.Tensor, num_classes: int | None) -> int:
+    """``num_classes``, checked against the largest label, or ``max(label) + 1``."""
+    largest = int(labels.max())
     if num_classes is None:
-        num_classes = largest + 1
-    elif largest >= num_classes:
+        return largest + 1
+    if largest >= num_classes:
         raise ValueError(
-            f"tensors: labels in {str(file)!r} go up to {largest} but num_classes is {num_classes}"
+            f"{where}: labels in {str(file)!r} go up to {largest} but num_classes is {num_classes}"
         )
-    return TrainingData(num_classes=num_classes, x=x, y=y)
+    return num_classes
+
+
+def _data_file(where: str, path: Any) -> tuple[Path, str]:
+    """The file a config names, and its suffix, checked to be one that can be read."""
+    file = Path(
+        path if isinstance(path, os.PathLike) else _string(where, "path", path)
+    ).expanduser()
+    suffix = file.suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise ValueError(
+            f"{where}: {str(file)!r} has an unsupported extension; "
+            f"use one of {', '.join(_SUFFIXES)}"
+        )
+    if not file.is_file():
+        raise ValueError(f"{where}: no such file {str(file)!r}")
+    return file, suffix
 
 
 class _TensorFileError(ValueError):
@@ -212,45 +223,54 @@ def _as_tensor(file: Path, key: str, array: Any) -> torch.Tensor:
 
 def _read_arrays(file: Path, suffix: str, x_key: str, y_key: str) -> tuple[Any, Any]:
     """The two arrays as NumPy arrays or torch tensors, or a ``ValueError`` naming what exists."""
+    arrays = _read_named(file, suffix, [x_key, y_key], "tensors", "set x_key / y_key")
+    return arrays[x_key], arrays[y_key]
+
+
+def _read_named(file: Path, suffix: str, required: list[str], where: str, hint: str,
+                optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The ``required`` arrays and those of ``optional`` that exist, as NumPy arrays or torch
+    tensors; a missing required one is a ``ValueError`` naming what the file holds."""
 
     def missing(available: list[str]) -> _TensorFileError:
-        absent = [key for key in (x_key, y_key) if key not in available]
+        absent = [key for key in required if key not in available]
         return _TensorFileError(
-            f"tensors: {str(file)!r} has no array {', '.join(map(repr, absent))}; "
-            f"it holds: {', '.join(available) or 'nothing'} (set x_key / y_key)"
+            f"{where}: {str(file)!r} has no array {', '.join(map(repr, absent))}; "
+            f"it holds: {', '.join(available) or 'nothing'} ({hint})"
         )
 
+    wanted = [*required, *(key for key in optional if key not in required)]
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
         loaded = load_file(str(file), device="cpu")
-        if x_key not in loaded or y_key not in loaded:
+        if any(key not in loaded for key in required):
             raise missing(sorted(loaded))
-        return loaded[x_key], loaded[y_key]
+        return {key: loaded[key] for key in wanted if key in loaded}
 
     if suffix == ".npz":
         with np.load(file, allow_pickle=False) as archive:
-            if x_key not in archive.files or y_key not in archive.files:
+            if any(key not in archive.files for key in required):
                 raise missing(sorted(archive.files))
             try:
-                return archive[x_key], archive[y_key]
+                return {key: archive[key] for key in wanted if key in archive.files}
             except ValueError:
                 raise _TensorFileError(
-                    f"tensors: {str(file)!r} holds pickled objects, which are not loaded; "
+                    f"{where}: {str(file)!r} holds pickled objects, which are not loaded; "
                     "save plain numeric arrays"
                 ) from None
 
     import h5py
 
     with h5py.File(file, "r") as handle:
-        found = [key for key in (x_key, y_key) if isinstance(handle.get(key), h5py.Dataset)]
-        if len(found) < 2:
+        found = [key for key in wanted if isinstance(handle.get(key), h5py.Dataset)]
+        if any(key not in found for key in required):
             names: list[str] = []
             handle.visititems(
                 lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None
             )
             raise missing(sorted(names))
-        return handle[x_key][()], handle[y_key][()]
+        return {key: handle[key][()] for key in found}
 
 
 def _inputs(file: Path, key: str, array: Any) -> torch.Tensor:
@@ -280,3 +300,119 @@ def _labels(file: Path, key: str, array: Any) -> torch.Tensor:
     if len(y) and int(y.min()) < 0:
         raise ValueError(f"tensors: labels {key!r} in {str(file)!r} must be non-negative")
     return y.contiguous()
+
+
+#: The named inputs of a token file that are passed to the model when present.
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@_factory
+def tokens(
+    path: str | os.PathLike[str],
+    num_classes: int | None = None,
+    labels: str = "labels",
+    shift_labels: bool | None = None,
+    inputs: list[str] | None = None,
+) -> TrainingData:
+    """Token sequences for transformers: ``input_ids`` (``(N, T)`` integers), an optional
+    ``attention_mask`` (``(N, T)``, 1 for a real token and 0 for padding) and
+    ``token_type_ids``, and labels, from a ``.safetensors``, ``.npz`` or ``.h5`` file.
+
+    The model receives the inputs as keyword arguments (``model(input_ids=…,
+    attention_mask=…)``). Labels are one class per sequence (``(N,)``, sequence
+    classification) or one per token (``(N, T)``, token classification or language
+    modelling); a token label of -100, or any position the attention mask hides, takes no part
+    in the loss, and the loss averages over labelled tokens. Without a ``labels`` array the
+    labels are the tokens themselves (language modelling).
+
+    Args:
+        path: The file; a relative path is taken from the current directory.
+        num_classes: Number of classes; for a language model its vocabulary size. Default
+            ``max(label) + 1``.
+        labels: Name of the label array.
+        shift_labels: Predict the next position's label at each position (causal language
+            modelling: the model's output at position t is scored against label t + 1), as
+            Hugging Face's ``…ForCausalLM`` do inside their loss. Default: true when the file
+            has no label array, else false.
+        inputs: Names of the arrays passed to the model; default those of ``input_ids``,
+            ``attention_mask`` and ``token_type_ids`` that the file holds.
+    """
+    where = "tokens"
+    num_classes = _optional_integer(where, "num_classes", num_classes, 1)
+    labels = _string(where, "labels", labels)
+    if shift_labels is not None:
+        shift_labels = _boolean(where, "shift_labels", shift_labels)
+    if inputs is not None:
+        if not isinstance(inputs, list) or not inputs:
+            raise ValueError(f"tokens: inputs must be a non-empty list of names, got {inputs!r}")
+        names = [_string(where, f"inputs[{i}]", name) for i, name in enumerate(inputs)]
+    else:
+        names = None
+    file, suffix = _data_file(where, path)
+    required = names if names is not None else ["input_ids"]
+    optional = (*TOKEN_INPUTS, labels)
+    try:
+        arrays = _read_named(file, suffix, required, where, "set inputs / labels", optional)
+    except _TensorFileError:
+        raise
+    except Exception as error:  # corrupt or unreadable files, from three different libraries
+        raise ValueError(f"tokens: cannot read {str(file)!r}: {error}") from None
+    if names is None:
+        names = [name for name in TOKEN_INPUTS if name in arrays]
+    x = {name: _token_array(file, name, arrays[name]) for name in names}
+    ids = x.get("input_ids", next(iter(x.values())))
+    if ids.dim() != 2 or len(ids) == 0:
+        raise ValueError(f"tokens: {names[0]!r} in {str(file)!r} must have shape (N, T) with "
+                         f"N ≥ 1, got {tuple(ids.shape)}")
+    for name, value in x.items():
+        if value.shape[:2] != ids.shape:
+            raise ValueError(f"tokens: {name!r} in {str(file)!r} has shape {tuple(value.shape)}"
+                             f", the sequences {tuple(ids.shape)}")
+    mask = x.get("attention_mask")
+    if mask is not None and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"tokens: attention_mask in {str(file)!r} must hold only 0 and 1")
+    if labels in arrays:
+        y = _token_array(file, labels, arrays[labels], allow_ignore=True)
+        if y.shape not in (ids.shape[:1], ids.shape):
+            raise ValueError(
+                f"tokens: labels {labels!r} in {str(file)!r} have shape {tuple(y.shape)}; use "
+                f"{tuple(ids.shape[:1])} (one per sequence) or {tuple(ids.shape)} (one per token)"
+            )
+        shift = bool(shift_labels)
+    else:
+        if "input_ids" not in x:
+            raise ValueError(f"tokens: {str(file)!r} has no {labels!r} array and no input_ids "
+                             "to predict")
+        y = x["input_ids"].clone()
+        shift = True if shift_labels is None else shift_labels
+    if y.dim() == 2:
+        if mask is not None:
+            y = y.masked_fill(mask == 0, IGNORE_INDEX)
+        if shift:
+            y = torch.cat([y[:, 1:], torch.full_like(y[:, :1], IGNORE_INDEX)], dim=1)
+    elif shift:
+        raise ValueError("tokens: shift_labels needs one label per token, not per sequence")
+    kept = y[y != IGNORE_INDEX]
+    if kept.numel() == 0:
+        raise ValueError(f"tokens: no label in {str(file)!r} takes part in the loss")
+    return TrainingData(num_classes=_classes(where, file, kept, num_classes), x=x,
+                        y=y.contiguous())
+
+
+def _token_array(file: Path, key: str, array: Any, allow_ignore: bool = False) -> torch.Tensor:
+    """An integer array of ids, masks or labels (whole-number floats accepted) as int64."""
+    value = _as_tensor(file, key, array)
+    if value.is_floating_point():
+        if not bool(torch.all(torch.isfinite(value) & (value == torch.round(value)))):
+            raise ValueError(f"tokens: {key!r} in {str(file)!r} does not hold whole numbers")
+    elif value.dtype == torch.bool:
+        value = value.to(torch.int64)
+    elif value.is_complex():
+        raise ValueError(f"tokens: {key!r} in {str(file)!r} has dtype {value.dtype}")
+    value = value.to(torch.int64).contiguous()
+    bad = (value < 0) & ~((value == IGNORE_INDEX) if allow_ignore else torch.zeros_like(
+        value, dtype=torch.bool))
+    if bool(bad.any()):
+        allowed = " (or -100, ignored)" if allow_ignore else ""
+        raise ValueError(f"tokens: {key!r} in {str(file)!r} must be non-negative{allowed}")
+    return value

@@ -285,7 +285,7 @@ class AlignmentAnalysis(CheckpointSequence):
         import torch
 
         from subspace_cli import store
-        from subspace_cli.alignment import minibatch_indices, subset
+        from subspace_cli.alignment import minibatch_indices
         from subspace_cli.output import say
         from subspace_cli.spectrum import compute_spectrum, to_stored
 
@@ -295,7 +295,7 @@ class AlignmentAnalysis(CheckpointSequence):
             assert experiment.data is not None
             generator = torch.Generator().manual_seed(self.settings.seed + 1_000_003)
             [idx] = minibatch_indices(len(experiment.data), self.batch_sizes[0], 1, generator)
-            target = dataclasses.replace(experiment, data=subset(experiment.data, idx))
+            target = dataclasses.replace(experiment, data=experiment.data.subset(idx))
         elif init is None:
             previous = self.warm_start_for(names)
             if previous is not None:

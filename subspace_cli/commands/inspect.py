@@ -73,6 +73,10 @@ def inspect_command(
     outcome.exit(ctx)
 
 
+#: Widest config shown in the table.
+_CONFIG_WIDTH = 120
+
+
 def render(report: dict[str, Any], tensors: bool) -> None:
     import json
 
@@ -88,7 +92,10 @@ def render(report: dict[str, Any], tensors: bool) -> None:
             p = report["plugins"][kind]
             where = f"{p['distribution']} {p['version']}" if p["distribution"] else p["entry_point"]
             rows.append([kind, f"{p['name']} ({where}, from {p['source']})"])
-            rows.append([f"{kind} config", json.dumps(report[f"{kind}_config"], sort_keys=True)])
+            text = json.dumps(report[f"{kind}_config"], sort_keys=True)
+            # a Hugging Face config.json has dozens of keys: --json shows them all
+            rows.append([f"{kind} config", text if len(text) <= _CONFIG_WIDTH
+                         else text[:_CONFIG_WIDTH - 20] + " ... (--json: all)"])
         rows += [
             ["loss", report["loss"]],
             ["step", report["step"]],
