@@ -158,5 +158,6 @@ def hf(
         transformers.logging.set_verbosity(verbosity)
     if task == "causal-lm" and num_classes is not None and num_classes != hf_config.vocab_size:
         raise ValueError(f"hf: a language model's classes are its vocabulary: num_classes is "
-                         f"{num_classes} but vocab_size is {hf_config.vocab_size}")
+                         f"{num_classes} but vocab_size is {hf_config.vocab_size} (give the "
+                         "data's num_classes as the vocabulary size)")
     return _math_attention(model) if attn_implementation == "sdpa" else model
