@@ -7,12 +7,13 @@ Subcommands are loaded lazily (Click's "lazily loading subcommands" pattern) so 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
 import click
 
-from subspace_cli import __version__
+from subspace_cli import __version__, parallel
 from subspace_cli.commands.common import wants_traceback
 from subspace_cli.errors import EXIT_INTERRUPTED, SubspaceError, storage_error
 
@@ -26,6 +27,9 @@ COMMANDS: dict[str, str] = {
     "report": "subspace_cli.commands.report:report_command",
     "spectrum": "subspace_cli.commands.spectrum:spectrum_command",
 }
+
+#: The commands that run data-parallel under torchrun; any other runs on rank 0 alone.
+DATA_PARALLEL = ("align", "project-train", "spectrum")
 
 EXIT_INTERNAL = 3
 
@@ -41,7 +45,8 @@ Exit codes:
   1  some of several inputs failed (each failure is reported on stderr)
   2  bad usage or bad input, or the environment refused a write
      (no space left on device, read-only file system, no permission,
-     an output in use by another process)
+     an output in use by another process; under torchrun, another rank
+     failed)
   3  internal error (a bug: rerun with --traceback and report it)
   130  interrupted (Ctrl-C)
   143  terminated (SIGTERM)
@@ -75,12 +80,12 @@ class LazyGroup(click.Group):
         except SubspaceError as exc:
             if wants_traceback(ctx):
                 raise
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"{parallel.prefix()}error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
             if wants_traceback(ctx):
                 raise
-            click.echo("interrupted", err=True)
+            click.echo(f"{parallel.prefix()}interrupted", err=True)
             ctx.exit(getattr(exc, "exit_code", EXIT_INTERRUPTED))
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
@@ -89,13 +94,16 @@ class LazyGroup(click.Group):
                 raise
             refused = storage_error(exc)  # disk full, read-only, no permission: not a bug
             if refused is not None:
-                click.echo(f"error: {refused}", err=True)
+                click.echo(f"{parallel.prefix()}error: {refused}", err=True)
                 ctx.exit(refused.exit_code)
             click.echo(
-                f"internal error: {type(exc).__name__}: {exc} (rerun with --traceback and report it)",
+                f"{parallel.prefix()}internal error: {type(exc).__name__}: {exc} (rerun with "
+                "--traceback and report it)",
                 err=True,
             )
             ctx.exit(EXIT_INTERNAL)
+        finally:
+            parallel.shutdown()
 
 
 @click.group(
@@ -112,6 +120,14 @@ def main(ctx: click.Context, traceback: bool, quiet: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["traceback"] = traceback
     ctx.obj["quiet"] = quiet
+    if parallel.launched():  # started by torchrun
+        if ctx.invoked_subcommand in DATA_PARALLEL:
+            parallel.init()
+        elif parallel.launch_rank() != 0:
+            ctx.exit(0)  # a command that is not data-parallel runs once, on rank 0
+        if not parallel.is_main():  # silent unless it fails: its errors still reach stderr
+            ctx.obj["quiet"] = True
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's lifetime)
 
 
 def run() -> None:

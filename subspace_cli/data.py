@@ -174,18 +174,25 @@ def iter_chunks(
     max_samples: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    *,
+    sharded: bool = False,
 ) -> Iterator[tuple[Inputs, torch.Tensor]]:
-    """Yield ``(x, y)`` chunks covering the first ``max_samples`` samples in order.
+    """Yield ``(x, y)`` chunks covering the first ``max_samples`` samples in order; with
+    ``sharded``, only this rank's contiguous shard of them in a data-parallel run
+    (:func:`subspace_cli.parallel.shard`).
 
     Floating-point inputs are cast to ``dtype`` (integer token inputs are left alone); both are
     moved to ``device``.
     """
     import torch
 
+    from subspace_cli import parallel
+
     if chunk_size < 1:
         raise ValueError(f"chunk size must be positive, got {chunk_size}")
     n = len(data) if max_samples is None else min(max_samples, len(data))
-    for start in range(0, n, chunk_size):
+    first, n = parallel.shard(n) if sharded else (0, n)
+    for start in range(first, n, chunk_size):
         stop = min(start + chunk_size, n)
         if data.x is not None:
             assert data.y is not None

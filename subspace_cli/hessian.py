@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from subspace_cli import hvp
+from subspace_cli import hvp, parallel
 from subspace_cli.data import Inputs, TrainingData, batch_len
 from subspace_cli.errors import UsageError
 from subspace_cli.operator import ChunkedOperator
@@ -162,6 +162,8 @@ class HessianOperator(ChunkedOperator):
     def _chunk_product(self, x: Inputs, y: torch.Tensor, vectors: torch.Tensor,
                        index: int) -> torch.Tensor:
         if self._method is None:
+            if parallel.world().distributed:
+                return self._rank_zero_chooses(x, y, vectors, index)
             return self._choose_method(x, y, vectors, index)
         try:
             return self._hvp(self._method, x, y, vectors, index)
@@ -180,6 +182,24 @@ class HessianOperator(ChunkedOperator):
             return hvp.forward_hvp(loss, self._theta, vectors, batched=batched)
         theta, grad = self._store.get(loss, self._theta, index)
         return hvp.reverse_hvp(theta, grad, vectors, batched=batched, state=self._reverse)
+
+    def _rank_zero_chooses(self, x: Inputs, y: torch.Tensor, vectors: torch.Tensor,
+                           index: int) -> torch.Tensor:
+        """In a data-parallel run rank 0 chooses the method on its first chunk (a race, or the
+        cache) and every other rank takes its choice, so that all run the same products."""
+        if parallel.is_main():
+            try:
+                product = self._choose_method(x, y, vectors, index)
+            except BaseException:
+                parallel.broadcast_object(None)
+                raise
+            parallel.broadcast_object(self._method)
+            return product
+        method = parallel.broadcast_object(None)
+        if method is None:
+            raise parallel.PeerError("rank 0 found no HVP method that works (see its error)")
+        self._method, self.method_choice = method, "chosen by rank 0"
+        return self._hvp(method, x, y, vectors, index)
 
     def _choose_method(
         self, x: Inputs, y: torch.Tensor, vectors: torch.Tensor, index: int

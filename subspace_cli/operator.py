@@ -3,7 +3,7 @@
 :class:`ChunkedOperator` holds the functional model (private copies, never the model's own
 tensors), walks the training set in chunks so that memory is bounded by one chunk's
 activations, accumulates per-sample *sums*, and turns them into means at the one reduction point
-(:func:`subspace_cli.parallel.mean`). It also gives the full-data loss, gradient and accuracy
+(:func:`subspace_cli.parallel.reduce`; in a data-parallel run each rank walks its shard). It also gives the full-data loss, gradient and accuracy
 and a SciPy adapter. A subclass supplies only :meth:`ChunkedOperator._chunk_product`: the sum
 over one chunk's samples of its matrix applied to a block of vectors (the Hessian in
 :mod:`subspace_cli.hessian`; a GGN or Fisher would be another subclass).
@@ -93,6 +93,7 @@ class ChunkedOperator(ABC):
         self.n_samples = sample_count(data, max_samples)
         if self.n_samples == 0:
             raise UsageError("the training set is empty")
+        parallel.check_shards(self.n_samples)
         self.hvp_count = 0
         self.n_units: int | None = None  # labelled units (samples or tokens), after one pass
         self.functional = FunctionalModel(model, self.layout, device=self.device, dtype=dtype,
@@ -139,7 +140,8 @@ class ChunkedOperator(ABC):
             for index, (x, y) in enumerate(self._chunks()):
                 sums += self._chunk_product(x, y, vectors, index)
                 units += unit_count(y)
-        result = parallel.mean(sums, self._units(units))
+        sums, units = parallel.reduce(sums, units)
+        result = sums / self._units(units)
         if not bool(torch.isfinite(result).all()):
             raise NumericalError(
                 f"a {self.product_name} is not finite (does the loss or the model overflow?"
@@ -173,7 +175,8 @@ class ChunkedOperator(ABC):
                 units += unit_count(y)
                 if grad is not None:
                     sums[2:] += grad
-        mean = parallel.mean(sums, self._units(units))
+        sums, units = parallel.reduce(sums, units)
+        mean = sums / self._units(units)
         if not bool(torch.isfinite(mean).all()):
             raise NumericalError("the loss or its gradient is not finite")
         return float(mean[0]), mean[2:].clone(), float(mean[1])
@@ -199,7 +202,9 @@ class ChunkedOperator(ABC):
     # ------------------------------------------------------------------ for subclasses
 
     def _chunks(self) -> Iterator[tuple[Inputs, torch.Tensor]]:
-        return iter_chunks(self.data, self.chunk_size, self.max_samples, self.device, self.dtype)
+        """This rank's chunks (all of them in a single process)."""
+        return iter_chunks(self.data, self.chunk_size, self.max_samples, self.device, self.dtype,
+                           sharded=True)
 
     def _units(self, units: int) -> int:
         """The divisor of a pass's sums: its labelled units (samples, or tokens); the same in

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from subspace_cli import parallel
 from subspace_cli.data import (
     IGNORE_INDEX,
     TrainingData,
@@ -252,9 +253,11 @@ def loss_and_gradient(
     train: bool,
     update_buffers: bool = False,
     indices: torch.Tensor | None = None,
+    sharded: bool = False,
 ) -> tuple[float, torch.Tensor, float]:
     """Mean loss, flat gradient and accuracy at ``theta`` over ``data`` (or the samples at
-    ``indices``), in chunks of ``chunk_size`` (``None``: one pass over all of them).
+    ``indices``), in chunks of ``chunk_size`` (``None``: one pass over all of them); with
+    ``sharded``, each rank of a data-parallel run takes its shard and the sums are reduced.
 
     The model runs in train mode when ``train`` (else eval), on ``theta`` through
     ``torch.func.functional_call``; its parameters are never written. Its buffers are updated
@@ -277,7 +280,8 @@ def loss_and_gradient(
     loss_total, correct, count = 0.0, 0, 0
     n = len(data)
     with module_mode(model, train):
-        for x, y in iter_chunks(data, chunk_size or max(n, 1), None, device, dtype):
+        for x, y in iter_chunks(data, chunk_size or max(n, 1), None, device, dtype,
+                                sharded=sharded):
             state = {**fixed, **params, **(buffers if update_buffers else {
                 name: b.clone() for name, b in buffers.items()})}
             args, kwargs = model_arguments(x)
@@ -289,6 +293,11 @@ def loss_and_gradient(
             loss_total += float(chunk_loss.detach())
             correct += correct_count(out.detach(), y)
             count += unit_count(y)
+    if sharded and parallel.world().distributed:
+        stats = torch.tensor([loss_total, float(correct)], dtype=torch.float64, device=device)
+        total, count = parallel.reduce(total, count)
+        stats, _ = parallel.reduce(stats, 0)
+        loss_total, correct = float(stats[0]), int(stats[1])
     if count == 0:
         raise UsageError(f"no label of the batch takes part in the loss (all are {IGNORE_INDEX})")
     return loss_total / count, total / count, correct / count
@@ -495,7 +504,7 @@ class ProjectedTraining:
         return loss_and_gradient(
             self.model, self.layout, self.theta, self.data, self.experiment.loss,
             chunk_size=self.config.chunk_size, device=self.device, dtype=self.dtype,
-            train=self.config.train_mode,
+            train=self.config.train_mode, sharded=True,
         )
 
     def _step_gradient(self, indices: torch.Tensor | None, *, update_buffers: bool = True
@@ -504,7 +513,9 @@ class ProjectedTraining:
         all samples), in train mode, as ordinary training computes it: a model with BatchNorm
         sees the whole batch in one pass and its running statistics move once per step;
         dropout draws masks from a generator seeded by (--seed, step), so they do not depend
-        on what was measured before."""
+        on what was measured before. In a data-parallel run the ranks share the batch, except
+        for such a model: its step is the same on every rank (a shard of the batch would have
+        other batch statistics, other dropout masks)."""
         import torch
 
         chunk = None if self.dependence.batch_statistics else self.config.chunk_size
@@ -516,7 +527,7 @@ class ProjectedTraining:
             return loss_and_gradient(
                 self.model, self.layout, self.theta, self.data, self.experiment.loss,
                 chunk_size=chunk, device=self.device, dtype=self.dtype, train=True,
-                update_buffers=update_buffers, indices=indices,
+                update_buffers=update_buffers, indices=indices, sharded=not self.dependence,
             )
 
     def _operator(self, method: str) -> Any:

@@ -20,6 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from subspace_cli import parallel
+
 STATE_SUFFIX = ".state.safetensors"
 LOCK_NAME = ".lock"
 
@@ -61,13 +63,20 @@ def start(checkpoint: Path, run_dir: Path, overrides: Any, *, steps: int, k: int
     if config.k > n_params:  # checked again by the trainer; here before anything is written
         raise UsageError(f"k = {config.k} exceeds the model's {n_params} parameters")
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # data-parallel: every rank has checked the directory before rank 0 writes to it
+    parallel.barrier("checking the run directory")
+    if parallel.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
     with _locked(run_dir), deferred_interrupts() as stop:
-        _refuse_if_used(run_dir)  # again under the lock: another start may have got here first
         spec = experiment.spec
         stored = {"config": dataclasses.asdict(config), "command": _command(),
                   "spec": dataclasses.asdict(spec), "start_step": spec.step or 0,
-                  "start_sha256": experiment.checkpoint.sha256()}
+                  "start_sha256": experiment.checkpoint.sha256(),
+                  "world_size": parallel.world().size}
+        if not parallel.is_main():  # a rank that computes and writes nothing
+            return _drive(run_dir, config, experiment, stored, until=config.steps,
+                          resumed=None, quiet=quiet, stop=stop)
+        _refuse_if_used(run_dir)  # again under the lock: another start may have got here first
         try:
             _write_config(run_dir, stored)
             from subspace_cli import runlog
@@ -109,13 +118,21 @@ def resume(run_dir: Path, steps: int | None, *, quiet: bool,
         state_ckpt = read_checkpoint(state_file)
         state = RunState.from_json(state_ckpt.metadata["subspace.run_state"])
         config = TrainConfig(**stored["config"])
+        made_by = int(stored.get("world_size", 1))
+        if made_by != parallel.world().size:
+            raise UsageError(
+                f"{run_dir} was trained by {_processes(made_by)} and this is "
+                f"{_processes(parallel.world().size)}: resume it with {made_by} (the order of "
+                "the sums over the training set, hence the rounding, depends on it)"
+            )
         if steps is not None and steps != config.steps:
             if steps < state.step:
                 raise UsageError(f"{run_dir} is at step {state.step}; --steps {steps} would "
                                  f"shorten it (give --steps {state.step} or more)")
             config = dataclasses.replace(config, steps=steps)
             stored["config"]["steps"] = steps  # a later plain --resume goes on to it
-            _write_config(run_dir, stored)
+            if parallel.is_main():
+                _write_config(run_dir, stored)
         if state.step >= config.steps:
             say(f"{run_dir} is complete at step {state.step} of {config.steps}: nothing to do "
                 "(--steps N continues it to step N)")
@@ -126,7 +143,9 @@ def resume(run_dir: Path, steps: int | None, *, quiet: bool,
                                   **({} if limits is None else {"limits": limits}))
         experiment = load_experiment(weights, overrides)
         stop.raise_if_requested()
-        runlog.truncate_for_resume(run_dir / "run.h5", state.step)
+        parallel.barrier("reading the run directory")  # before rank 0 writes to it
+        if parallel.is_main():
+            runlog.truncate_for_resume(run_dir / "run.h5", state.step)
         return _drive(run_dir, config, experiment, stored, until=config.steps,
                       resumed=(state_ckpt.tensors, state), quiet=quiet, stop=stop)
 
@@ -162,10 +181,17 @@ def _write_config(run_dir: Path, stored: dict[str, Any]) -> None:
     write_text(run_dir / "config.json", json.dumps(stored, indent=2, sort_keys=True) + "\n")
 
 
+def _processes(n: int) -> str:
+    return "one process" if n == 1 else f"{n} data-parallel processes"
+
+
 def _locked(run_dir: Path) -> Any:
-    """One process at a time in a run directory: a second one is refused at once (exit 2)."""
+    """One process at a time in a run directory: a second one is refused at once (exit 2).
+    In a data-parallel run rank 0 holds the lock for all."""
     from subspace_cli import locking
 
+    if not parallel.is_main():
+        return contextlib.nullcontext()
     return locking.exclusive(run_dir / LOCK_NAME, what=f"run directory {run_dir}", wait=0,
                              hint="; a project-train is running there: wait for it to finish, "
                                   "or stop it and --resume")
@@ -223,16 +249,24 @@ def _drive(run_dir: Path, config: Any, experiment: Any, stored: dict[str, Any], 
     start_step = int(stored["start_step"])
     last_saved: list[str] = []
 
+    main = parallel.is_main()  # in a data-parallel run only rank 0 writes
+
     def on_log(row: Any) -> None:
-        runlog.append(run_file, runlog.LOG, [row])
+        if main:
+            runlog.append(run_file, runlog.LOG, [row])
 
     def on_refresh(row: Any) -> None:
-        runlog.append(run_file, runlog.REFRESH, [row])
+        if main:
+            runlog.append(run_file, runlog.REFRESH, [row])
 
     def on_audit(row: Any) -> None:
-        runlog.append(run_file, runlog.AUDIT, [row])
+        if main:
+            runlog.append(run_file, runlog.AUDIT, [row])
 
     def on_save(training: ProjectedTraining) -> None:
+        parallel.agree(training.theta, "the parameters")
+        if not main:
+            return
         step = training.state.step
         meta = experiment.spec.to_metadata(step=start_step + step)
         meta["subspace.run_step"] = str(step)
@@ -272,9 +306,11 @@ def _drive(run_dir: Path, config: Any, experiment: Any, stored: dict[str, Any], 
             say(note)
         try:
             stop.raise_if_requested()
-            training.run(until, should_stop=stop.requested)
+            # data-parallel: a signal to any rank stops every rank at the same step
+            training.run(until, should_stop=lambda: parallel.any_rank(stop.requested()))
             if training.state.step < until:
                 stop.raise_if_requested()
+                raise KeyboardInterrupt  # another rank was signalled
         except NumericalError as exc:
             where = last_saved[0] if last_saved else "none was written"
             raise NumericalError(f"{exc}; the last good checkpoint: {where}") from exc
@@ -294,7 +330,7 @@ def _drive(run_dir: Path, config: Any, experiment: Any, stored: dict[str, Any], 
                 say(f"interrupted at step {training.state.step}; {saved}continue with "
                     f"`subspace project-train --resume {run_dir}`", always=True)
             raise
-    return summary(run_dir)
+    return summary(run_dir) if main else {}
 
 
 class _StopRequest:

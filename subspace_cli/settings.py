@@ -64,11 +64,16 @@ class SpectrumSettings:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU; an unavailable CUDA device is a usage error."""
+    """``auto`` is CUDA when available, else CPU; an unavailable CUDA device is a usage error.
+    In a data-parallel run ``auto`` and ``cuda`` mean this rank's ``cuda:LOCAL_RANK``."""
     import torch
 
+    from subspace_cli import parallel
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = parallel.default_cuda_device()
     try:
         device = torch.device(name)
     except RuntimeError as exc:

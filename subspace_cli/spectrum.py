@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from subspace_cli import __version__
+from subspace_cli import __version__, parallel
 from subspace_cli.errors import UsageError
 from subspace_cli.settings import SpectrumSettings
 
@@ -119,6 +119,9 @@ def compute_spectrum(
         result = top_eigenpairs(op, k, block_size=block_size, progress=progress,
                                 basis_memory=settings.basis_memory, **common)
     result.eigenvectors = canonical_signs(result.eigenvectors)
+    # data-parallel: every rank ran the same solver on the same reduced products
+    parallel.agree(result.eigenvalues, "the eigenvalues")
+    parallel.agree(result.eigenvectors, "the eigenvectors")
     return SpectrumRun(
         result=result,
         layout=op.layout,

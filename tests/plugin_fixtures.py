@@ -31,8 +31,9 @@ class Masked(torch.nn.Module):
     # mixing layer and a running mean over the unmasked tokens so far; one output per sequence
     # (its mean), or one per token (token_level); tied: the head is the embedding.
 
-    def __init__(self, vocab, num_classes, width, token_level, tied):
+    def __init__(self, vocab, num_classes, width, token_level, tied, poison=None):
         super().__init__()
+        self.poison = poison  # a token id the model refuses (a bad sample, for fault tests)
         self.embed = torch.nn.Embedding(vocab, width)
         self.mix = torch.nn.Linear(width, width)
         self.head = torch.nn.Linear(width, num_classes)
@@ -41,6 +42,8 @@ class Masked(torch.nn.Module):
             self.head.weight = self.embed.weight
 
     def forward(self, input_ids, attention_mask=None):
+        if self.poison is not None and bool((input_ids == self.poison).any()):
+            raise ValueError(f"token {self.poison} is poisoned")
         h = torch.tanh(self.mix(self.embed(input_ids)))
         m = (torch.ones_like(input_ids) if attention_mask is None else attention_mask)
         m = m.unsqueeze(-1).to(h.dtype)
@@ -49,8 +52,8 @@ class Masked(torch.nn.Module):
         return self.head((h * m).sum(1) / m.sum(1).clamp(min=1))
 
 
-def masked(vocab=12, num_classes=3, width=4, token_level=False, tied=False):
-    return Masked(vocab, num_classes, width, token_level, tied)
+def masked(vocab=12, num_classes=3, width=4, token_level=False, tied=False, poison=None):
+    return Masked(vocab, num_classes, width, token_level, tied, poison)
 
 
 def toy(n=12, input_dim=3, num_classes=2):

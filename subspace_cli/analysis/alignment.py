@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from subspace_cli import parallel
 from subspace_cli.analysis.sequence import CheckpointSequence
 
 if TYPE_CHECKING:
@@ -224,7 +225,7 @@ class AlignmentAnalysis(CheckpointSequence):
             mode="train" if self.settings.train_mode else "eval",
         )
         record = outcome.record()
-        if self.output:
+        if self.output and parallel.is_main():  # rank 0 writes for a data-parallel run
             record["group"] = store.write_subgroup(
                 self.output, path, self.subgroup, *outcome.stored(), overwrite=self.overwrite
             )
@@ -322,7 +323,7 @@ class AlignmentAnalysis(CheckpointSequence):
                 f"{run.result.hvp_count} HVPs)"
             ), values
         self.remember(run.layout.names, vectors, experiment.checkpoint.path)
-        if self.output:
+        if self.output and parallel.is_main():
             exists = store.has_group(self.output, experiment.checkpoint.path)
             if not exists or self.overwrite:
                 store.write_spectrum(

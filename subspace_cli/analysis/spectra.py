@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from subspace_cli import parallel
 from subspace_cli.analysis.sequence import CheckpointSequence
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ class SpectrumAnalysis(CheckpointSequence):
             run.overlap_with_previous = subspace_overlap(previous.vectors[:k], vectors[:k])
         self.remember(run.layout.names, vectors, path)
         record = summary(run, experiment)
-        if self.output:
+        if self.output and parallel.is_main():  # rank 0 writes for a data-parallel run
             record["group"] = store.write_spectrum(
                 self.output, to_stored(run, experiment), overwrite=self.overwrite
             )
