@@ -7,7 +7,9 @@
 #   3. runs spectrum, align and a 20-step project-train on CUDA and on the CPU and compares them
 #      (benchmarks/gpu_compare.py: eigenvalues to 1e-4 relative, overlaps >= 0.999),
 #   4. runs the spectrum benchmark on CUDA (benchmarks/spectrum_peers.py --device cuda) for the
-#      tools that are installed.
+#      tools that are installed,
+#   5. times the data-parallel path with one process (NCCL) against the plain one
+#      (benchmarks/distributed_scaling.py).
 # Every section prints its result; the exit code is 1 if any section failed.
 # The GPU machine cannot download. Prepare the wheels it lacks here, once (all pure Python):
 #   echo /.whl/ >> .git/info/exclude
@@ -67,6 +69,10 @@ for case in mlp cnn wide; do  # one case at a time, so that a slow one leaves th
     --cache "$OUT/bench" --json "$OUT/bench_$case.json" 2> "$OUT/bench_$case.err" \
     || { tail -5 "$OUT/bench_$case.err"; failed "benchmark $case"; }
 done
+
+section "data-parallel path on $DEVICE: torchrun with one process (NCCL) against none"
+timeout 150 "$VENV/bin/python" benchmarks/distributed_scaling.py --device "$DEVICE" \
+  --launches plain-1,torchrun-1 || failed "distributed scaling"
 
 section "done: exit $status"
 exit $status

@@ -4,8 +4,8 @@ Every quantity averaged over the training set (loss, accuracy, gradient, Hessian
 products) is accumulated as a sum over the labelled units of local chunks and divided by their
 count in :func:`reduce` and :func:`mean`, once.
 
-Launched by ``torchrun`` (``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in the environment, more
-than one process), :func:`init` joins the process group (gloo for CPU tensors, NCCL for CUDA
+Launched by ``torchrun`` (``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in the environment),
+:func:`init` joins the process group (gloo for CPU tensors, NCCL for CUDA
 tensors on ``cuda:LOCAL_RANK``). Each rank then walks its own contiguous shard of the samples
 (:func:`shard`), and :func:`mean` all-reduces the sums and the counts before dividing, so the
 mean is weighted by samples (or tokens), however unequal the shards. Everything else is
@@ -47,6 +47,9 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    #: In a process group (launched by torchrun; with one process too, whose reductions are
+    #: then trivial: the single-GPU NCCL path).
+    grouped: bool = False
 
     @property
     def main(self) -> bool:
@@ -55,7 +58,7 @@ class World:
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        return self.grouped
 
 
 _world = World()
@@ -120,9 +123,6 @@ def init() -> World:
     local_rank = _integer_variable("LOCAL_RANK", rank)
     if not 0 <= rank < size:
         raise UsageError(f"RANK {rank} is not below WORLD_SIZE {size}")
-    if size == 1:
-        _world = World(rank, size, local_rank)
-        return _world
     import datetime
 
     import torch
@@ -134,7 +134,7 @@ def init() -> World:
     with _collective("joining the process group"):
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_seconds()))
-    _world = World(rank, size, local_rank)
+    _world = World(rank, size, local_rank, grouped=True)
     return _world
 
 
