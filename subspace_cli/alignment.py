@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
 
     from subspace_cli.hessian import HessianOperator
+    from subspace_cli.operator import ChunkedOperator
 
 
 def summarize(values: torch.Tensor) -> dict[str, float]:
@@ -35,9 +36,11 @@ def summarize(values: torch.Tensor) -> dict[str, float]:
     }
 
 
-def operator_on(op: HessianOperator, data: TrainingData) -> HessianOperator:
-    """An operator like ``op`` (model, parameters, loss, device, dtype, mode) on other data."""
+def operator_on(op: ChunkedOperator, data: TrainingData) -> HessianOperator:
+    """A Hessian operator like ``op`` (model, parameters, loss, device, dtype, mode) on other
+    data: what the mini-batch gradients are taken with, whatever ``op``'s curvature."""
     from subspace_cli.hessian import HessianOperator
+    from subspace_cli.settings import HVP_METHODS
 
     return HessianOperator(
         op.model,
@@ -48,7 +51,7 @@ def operator_on(op: HessianOperator, data: TrainingData) -> HessianOperator:
         device=op.device,
         dtype=op.dtype,
         train_mode=op.train_mode,
-        method=op.method or "auto",
+        method=op.method if op.method in HVP_METHODS else "auto",
         graph_memory=op.graph_budget,
     )
 
@@ -82,7 +85,7 @@ class AlignmentResult:
 
 
 def measure(
-    op: HessianOperator,
+    op: ChunkedOperator,
     basis: torch.Tensor,
     k: int,
     *,

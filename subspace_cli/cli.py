@@ -20,6 +20,7 @@ from subspace_cli.errors import EXIT_INTERRUPTED, SubspaceError, storage_error
 # name -> "module:attribute"; a command appears here only once it does real work.
 COMMANDS: dict[str, str] = {
     "align": "subspace_cli.commands.align:align_command",
+    "density": "subspace_cli.commands.density:density_command",
     "init": "subspace_cli.commands.init:init_command",
     "inspect": "subspace_cli.commands.inspect:inspect_command",
     "plugins": "subspace_cli.commands.plugins:plugins_command",
@@ -29,7 +30,7 @@ COMMANDS: dict[str, str] = {
 }
 
 #: The commands that run data-parallel under torchrun; any other runs on rank 0 alone.
-DATA_PARALLEL = ("align", "project-train", "spectrum")
+DATA_PARALLEL = ("align", "density", "project-train", "spectrum")
 
 EXIT_INTERNAL = 3
 

@@ -60,3 +60,37 @@ def loss_sum(name: str, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def correct_count(output: torch.Tensor, y: torch.Tensor) -> int:
     """Number of labelled units whose arg-max output is the label."""
     return int(((output.argmax(dim=-1) == y) & (y != IGNORE_INDEX)).sum())
+
+
+def output_hessian_product(name: str, output: torch.Tensor, y: torch.Tensor,
+                           u: torch.Tensor) -> torch.Tensor:
+    """The loss's Hessian with respect to the model's output applied to ``u`` (shaped like
+    ``output``), unit by unit: the identity for ``mse``, diag(p) − ppᵀ with p = softmax(f) for
+    ``ce``; zero for a unit whose label is ignored. What the Gauss–Newton matrix puts between
+    the Jacobians."""
+    if name not in LOSSES:
+        raise UsageError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
+    kept = (y != IGNORE_INDEX).unsqueeze(-1).to(u.dtype)
+    if name == "mse":
+        return u * kept
+    p = output.softmax(dim=-1)
+    return (p * u - p * (p * u).sum(dim=-1, keepdim=True)) * kept
+
+
+def per_sample_loss(name: str, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each sample's loss (the sum over its labelled units): a vector of the chunk's length."""
+    import torch.nn.functional as F
+
+    if name not in LOSSES:
+        raise UsageError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
+    y = y.long()
+    if name == "ce":
+        losses = F.cross_entropy(output.reshape(-1, output.shape[-1]), y.reshape(-1),
+                                 reduction="none", ignore_index=IGNORE_INDEX)
+    else:
+        ignored = y == IGNORE_INDEX
+        target = F.one_hot(y.masked_fill(ignored, 0), num_classes=output.shape[-1])
+        losses = (0.5 * ((output - target.to(output.dtype)) ** 2).sum(-1)
+                  * (~ignored).to(output.dtype)).reshape(-1)
+    return losses.reshape(y.shape[0], -1).sum(dim=1)
+

@@ -42,6 +42,7 @@ from subspace_cli.data import (
 from subspace_cli.errors import NumericalError, UsageError
 from subspace_cli.losses import correct_count, loss_sum
 from subspace_cli.projection import MODES, alignment, project, split
+from subspace_cli.settings import HVP_METHODS, check_curvature
 from subspace_cli.tracking import Audit, Refresh, StepInfo, SubspaceTracker, TrackerSettings
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ class TrainConfig:
     hvp_method: str = "auto"
     train_mode: bool = False  # the mode of every measurement (training steps: train mode)
     allow_dropout: bool = False
+    curvature: str = "hessian"  # the matrix whose top-k eigenspace is the dominant subspace
 
     def check(self) -> None:
         """Refuse what cannot start a run, before anything is built or written."""
@@ -123,6 +125,7 @@ class TrainConfig:
                              "--refresh track (use --refresh warm or cold)")
         if self.audit_every < 0:
             raise UsageError("--audit-every must be non-negative (0: no audits)")
+        check_curvature(self.curvature, self.batch_size)
         self.tracker_settings().check()
 
     def tracker_settings(self) -> TrackerSettings:
@@ -539,8 +542,10 @@ class ProjectedTraining:
             c = self.config
             settings = SpectrumSettings(
                 k=c.k, dtype=c.dtype, device=str(self.device), chunk_size=c.chunk_size,
-                hvp_method=method, seed=c.seed, train_mode=c.train_mode,
-                allow_dropout=c.allow_dropout,
+                hvp_method=method if method in HVP_METHODS else "auto",  # other curvatures
+                seed=c.seed, train_mode=c.train_mode,
+                allow_dropout=c.allow_dropout, curvature=c.curvature,
+                batch_size=c.batch_size if c.curvature == "gradient-covariance" else None,
             )
             self._base_operator = hessian_operator(self.experiment, settings, self.theta)
             self._base_method = method

@@ -286,6 +286,7 @@ def summarize(run: Run) -> dict[str, Any]:
         "lr": c["lr"],
         "batch_size": c["batch_size"] if c.get("batch_size") is not None else "full",
         "k": c["k"],
+        "curvature": c.get("curvature", "hessian"),  # runs from before --curvature: hessian
         "steps": c["steps"],
         "switch_step": int(log["step"][projecting][0]) if projecting.any() else None,
         "logged_rows": n,

@@ -18,6 +18,18 @@ if TYPE_CHECKING:
 SOLVERS = ("lanczos", "arpack")
 DTYPES = ("float32", "float64")
 HVP_METHODS = ("auto", "forward", "reverse", "forward-loop", "reverse-loop")
+#: ``--curvature``: the matrix whose top eigenspace is the dominant subspace
+#: (:mod:`subspace_cli.hessian`, :mod:`subspace_cli.curvature`).
+CURVATURES = ("hessian", "ggn", "fisher", "gradient-covariance")
+
+
+def check_curvature(curvature: str, batch_size: int | None) -> None:
+    """Refuse an unknown curvature, and the gradient covariance without a mini-batch size."""
+    if curvature not in CURVATURES:
+        raise UsageError(f"unknown curvature {curvature!r}: choose one of {', '.join(CURVATURES)}")
+    if curvature == "gradient-covariance" and batch_size is None:
+        raise UsageError("--curvature gradient-covariance is the covariance of the mini-batch "
+                         "gradient: it needs --batch-size (and no full-batch GD)")
 
 
 @dataclass(frozen=True)
@@ -42,8 +54,12 @@ class SpectrumSettings:
     seed: int = 0
     graph_memory: int | None = None
     basis_memory: int | None = None
+    curvature: str = "hessian"
+    #: The mini-batch size of the gradient covariance (``--curvature gradient-covariance``).
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
+        check_curvature(self.curvature, self.batch_size)
         if self.solver not in SOLVERS:
             raise UsageError(f"unknown solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
         if self.dtype not in DTYPES:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from subspace_cli.eigensolver import EigenResult
     from subspace_cli.experiment import Experiment
     from subspace_cli.functional import ParameterLayout
-    from subspace_cli.hessian import HessianOperator
+    from subspace_cli.operator import ChunkedOperator
     from subspace_cli.store import Spectrum
 
 @dataclass
@@ -49,29 +49,37 @@ class SpectrumRun:
 
 
 def hessian_operator(experiment: Experiment, settings: SpectrumSettings,
-                     parameters: torch.Tensor | None = None) -> HessianOperator:
-    """The full-training-set Hessian operator of an experiment under ``settings``, at
-    ``parameters`` (a flat θ; default the model's own)."""
+                     parameters: torch.Tensor | None = None) -> ChunkedOperator:
+    """The full-training-set curvature operator of an experiment under ``settings`` (the
+    Hessian, or the ``--curvature`` chosen), at ``parameters`` (a flat θ; default the
+    model's own)."""
     from subspace_cli.functional import check_measurement_mode, select_parameters
     from subspace_cli.hessian import HessianOperator
 
     assert experiment.data is not None
     check_measurement_mode(experiment.model, settings.train_mode, settings.allow_dropout)
     layout = select_parameters(experiment.model, settings.include, settings.exclude)
-    return HessianOperator(
-        experiment.model,
-        experiment.data,
-        experiment.loss,
-        layout=layout,
-        chunk_size=settings.chunk_size,
-        max_samples=settings.max_samples,
-        device=settings.resolved_device,
-        dtype=settings.resolved_dtype,
-        train_mode=settings.train_mode,
-        method=settings.hvp_method,
-        graph_memory=settings.graph_memory,
-        parameters=parameters,
-    )
+    common: dict[str, Any] = {
+        "layout": layout,
+        "chunk_size": settings.chunk_size,
+        "max_samples": settings.max_samples,
+        "device": settings.resolved_device,
+        "dtype": settings.resolved_dtype,
+        "train_mode": settings.train_mode,
+        "parameters": parameters,
+    }
+    args = (experiment.model, experiment.data, experiment.loss)
+    if settings.curvature == "hessian":
+        return HessianOperator(*args, method=settings.hvp_method,
+                               graph_memory=settings.graph_memory, **common)
+    from subspace_cli import curvature
+
+    if settings.curvature == "ggn":
+        return curvature.GGNOperator(*args, **common)
+    if settings.curvature == "fisher":
+        return curvature.FisherOperator(*args, **common)
+    assert settings.batch_size is not None  # checked by SpectrumSettings
+    return curvature.GradientCovarianceOperator(*args, batch_size=settings.batch_size, **common)
 
 
 def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
@@ -147,6 +155,19 @@ def chunk_dependent(settings: SpectrumSettings, experiment: Experiment) -> bool:
     return settings.train_mode and bool(mode_dependence(experiment.model).batch_statistics)
 
 
+def curvature_batch_size(settings: SpectrumSettings) -> int | None:
+    """The mini-batch size a curvature depends on (the gradient covariance's), else None."""
+    return settings.batch_size if settings.curvature == "gradient-covariance" else None
+
+
+def curvature_name(curvature: str, batch_size: int | None = None) -> str:
+    """How a curvature is named in tables: ``Hessian``, ``GGN``, ``Fisher``, ``gradient
+    covariance (batch 50)``."""
+    name = {"hessian": "Hessian", "ggn": "GGN", "fisher": "Fisher"}.get(
+        curvature, curvature.replace("-", " "))
+    return f"{name} (batch {batch_size})" if batch_size else name
+
+
 def summary(run: SpectrumRun, experiment: Experiment) -> dict[str, Any]:
     """The JSON object of one checkpoint's spectrum (see the README)."""
     r = run.result
@@ -170,6 +191,8 @@ def summary(run: SpectrumRun, experiment: Experiment) -> dict[str, Any]:
         "n_params": run.layout.n_params,
         "n_samples": run.n_samples,
         "loss": experiment.loss,
+        "curvature": run.settings.curvature,
+        "curvature_batch_size": curvature_batch_size(run.settings),
         "mode": "train" if run.settings.train_mode else "eval",
         "chunk_dependent": chunk_dependent(run.settings, experiment),
         "solver": r.solver,
@@ -196,6 +219,8 @@ def to_stored(run: SpectrumRun, experiment: Experiment) -> Spectrum:
         "data": spec.data,
         "data_config": spec.data_config,
         "loss": spec.loss,
+        "curvature": s.curvature,
+        "curvature_batch_size": curvature_batch_size(s) or -1,
         "step": spec.step if spec.step is not None else -1,
         "extra": r.extra,
         "solver": r.solver,

@@ -50,7 +50,7 @@ GROUP_FILE_FORMAT = "subspace-spectra-group"
 GROUP_ENCODING = "spectrum"
 GROUP_VERSION = "1.0"
 #: Encodings of result subgroups this module reads, and the newest version of each it knows.
-SUBGROUP_VERSIONS = {"alignment": "1.0"}
+SUBGROUP_VERSIONS = {"alignment": "1.0", "density": "1.0"}
 
 #: Elements per eigenvector chunk: 1 MiB of float32 (h5py's advice is 10 KiB to 1 MiB).
 _CHUNK_ELEMENTS = 262_144

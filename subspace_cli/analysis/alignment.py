@@ -42,6 +42,7 @@ class Alignment:
     n_samples: int
     loss: str
     mode: str
+    curvature: str = "hessian"  # the matrix whose top-k eigenspace the gradients meet
 
     @property
     def hessian_description(self) -> str:
@@ -74,6 +75,7 @@ class Alignment:
             "n_samples": self.n_samples,
             "loss": self.loss,
             "mode": self.mode,
+            "curvature": self.curvature,
         }
         if r.per_eigenvector is not None:
             assert r.per_eigenvector_minibatch is not None
@@ -113,6 +115,7 @@ class Alignment:
             "batches": self.batches,
             "seed": self.seed,
             "mode": self.mode,
+            "curvature": self.curvature,
             "full_dominant_sq": r.full_norms[0],
             "full_bulk_sq": r.full_norms[1],
         }
@@ -223,6 +226,7 @@ class AlignmentAnalysis(CheckpointSequence):
             n_samples=op.n_samples,
             loss=experiment.loss,
             mode="train" if self.settings.train_mode else "eval",
+            curvature=self.settings.curvature,
         )
         record = outcome.record()
         if self.output and parallel.is_main():  # rank 0 writes for a data-parallel run
@@ -261,6 +265,13 @@ class AlignmentAnalysis(CheckpointSequence):
                         f"{self.eigenspace}: the spectrum of {path} covers parameters "
                         f"{', '.join(stored.param_names)}, not the selected "
                         f"{', '.join(names)} (match --params/--exclude)"
+                    )
+                stored_curvature = str(stored.attrs.get("curvature", "hessian"))
+                if stored_curvature != self.settings.curvature:
+                    raise InputError(
+                        f"{self.eigenspace}: the spectrum of {path} is of the "
+                        f"{stored_curvature}, not the {self.settings.curvature} asked for (pass "
+                        f"--curvature {stored_curvature}, or another --eigenspace)"
                     )
                 if int(stored.attrs.get("n_samples", op.n_samples)) != op.n_samples:
                     say(

@@ -119,9 +119,9 @@ def align_command(
     gradients for each --batch-size (mean, std and 5/50/95% quantiles), with
     the split of squared norms between the dominant subspace and the bulk.
     """
-    settings = settings_from(params)
-    overrides = overrides_from(model, model_config, data, data_config, loss)
     sizes = list(batch_sizes) or [50]
+    settings = settings_from(params, batch_size=sizes[0])  # the gradient covariance's
+    overrides = overrides_from(model, model_config, data, data_config, loss)
     from subspace_cli.analysis import AlignmentAnalysis
 
     analysis = AlignmentAnalysis(

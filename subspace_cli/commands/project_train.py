@@ -19,7 +19,7 @@ from subspace_cli.commands.common import (
 )
 from subspace_cli.projected import OPTIMIZERS
 from subspace_cli.projection import MODES
-from subspace_cli.settings import DTYPES, HVP_METHODS
+from subspace_cli.settings import CURVATURES, DTYPES, HVP_METHODS
 from subspace_cli.tracking import POLICIES
 
 
@@ -127,6 +127,11 @@ def batch_size_type(value: str) -> int | None:
               help="Samples per forward/backward pass over the full training set.")
 @click.option("--hvp-method", type=click.Choice(HVP_METHODS), default="auto",
               show_default=True, help=HVP_METHOD_HELP)
+@click.option("--curvature", type=click.Choice(CURVATURES), default="hessian",
+              show_default=True,
+              help="The matrix whose top-k eigenspace is the dominant subspace: the Hessian, "
+              "the Gauss–Newton matrix (ggn), the empirical Fisher, or the covariance of the "
+              "mini-batch gradient at --batch-size (gradient-covariance, DOME's subspace).")
 @click.option("--train-mode", is_flag=True,
               help="Measure (full-batch loss, accuracy, gradient, χ, the Hessian) in train "
               "mode; default eval mode. Training steps are always in train mode, and a "

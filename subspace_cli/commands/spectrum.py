@@ -18,153 +18,179 @@ from subspace_cli.commands.common import (
     overrides_from,
     plugin_options,
 )
-from subspace_cli.settings import DTYPES, HVP_METHODS, SOLVERS
+from subspace_cli.settings import CURVATURES, DTYPES, HVP_METHODS, SOLVERS
+
+#: How the eigensolver runs.
+_SOLVER_OPTIONS = [
+    click.option(
+        "-k",
+        "k",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Number of top eigenpairs [default: the number of classes].",
+    ),
+    click.option(
+        "--extra",
+        type=click.IntRange(min=0),
+        default=0,
+        show_default=True,
+        help="Also compute λ_{k+1..k+m}, to show the spectral gap.",
+    ),
+    click.option(
+        "--tol",
+        type=Finite(min=0, min_open=True),
+        default=None,
+        help="Relative residual ‖Hv−λv‖/|λ| every pair must reach "
+        "[default: 1e-4 for float32, 1e-8 for float64].",
+    ),
+    click.option(
+        "--max-hvps",
+        type=click.IntRange(min=1),
+        default=None,
+        help="HVP budget per checkpoint; pairs not converged by then are "
+        "reported as not converged [default: max(2000, 100 per pair)].",
+    ),
+    click.option(
+        "--solver",
+        type=click.Choice(SOLVERS),
+        default="lanczos",
+        show_default=True,
+        help="lanczos: thick-restart Lanczos in torch on the device (one vector at a "
+        "time for a cold start on a CPU, else blocks, see --block-size); "
+        "arpack: SciPy eigsh(which='LA') over the same HVPs (reference).",
+    ),
+    click.option(
+        "--block-size",
+        type=click.IntRange(min=1),
+        default=None,
+        help="HVPs per batched product in the Lanczos solver [default: 1 for a cold "
+        "start on a CPU (single-vector Lanczos), else 2].",
+    ),
+    click.option(
+        "--basis-memory",
+        type=ByteSize(),
+        default=None,
+        help="Most memory the Lanczos basis may hold, e.g. 2G; the basis is shrunk to "
+        "fit [default: no cap; the JSON's basis_bytes says what it held].",
+    ),
+]
+
+#: What operator the products are of, and how they are computed.
+_OPERATOR_OPTIONS = [
+    click.option(
+        "--graph-memory",
+        type=ByteSize(),
+        default=None,
+        help="Memory for keeping each chunk's gradient graph between products (0: "
+        "rebuild it every product) [default: a quarter of the available memory].",
+    ),
+    click.option(
+        "--dtype",
+        type=click.Choice(DTYPES),
+        default="float32",
+        show_default=True,
+        help="Precision of parameters, data and HVPs.",
+    ),
+    click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        help="auto (CUDA when present), cpu, cuda or cuda:N.",
+    ),
+    click.option(
+        "--chunk-size",
+        type=click.IntRange(min=1),
+        default=1000,
+        show_default=True,
+        help="Samples per forward/backward pass; bounds memory.",
+    ),
+    click.option(
+        "--max-samples",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Use only the first N training samples [default: all].",
+    ),
+    click.option(
+        "--params",
+        "include",
+        multiple=True,
+        metavar="GLOB",
+        help="Analyse only parameters whose names match (repeatable).",
+    ),
+    click.option(
+        "--exclude",
+        multiple=True,
+        metavar="GLOB",
+        help="Leave out parameters whose names match (repeatable).",
+    ),
+    click.option(
+        "--train-mode",
+        is_flag=True,
+        help="Evaluate the model in train mode (default: eval mode). Buffers "
+        "such as BatchNorm statistics are never changed either way; in train mode "
+        "BatchNorm normalises each chunk by its own statistics, so the Hessian then "
+        "depends on --chunk-size.",
+    ),
+    click.option(
+        "--allow-dropout",
+        is_flag=True,
+        help="With --train-mode, measure a model with dropout anyway (each pass draws "
+        "new masks; refused without this flag).",
+    ),
+    click.option(
+        "--curvature",
+        type=click.Choice(CURVATURES),
+        default="hessian",
+        show_default=True,
+        help="The matrix whose top eigenpairs are computed: the Hessian; ggn, the "
+        "Gauss–Newton matrix (1/N) Σ JᵀHJ with the loss's output-space Hessian H; "
+        "fisher, the empirical Fisher (1/N) Σ g gᵀ of per-sample gradients; "
+        "gradient-covariance, the covariance of the mini-batch gradient at --batch-size "
+        "(batches drawn without replacement).",
+    ),
+    click.option(
+        "--hvp-method",
+        type=click.Choice(HVP_METHODS),
+        default="auto",
+        show_default=True,
+        help=HVP_METHOD_HELP,
+    ),
+    click.option(
+        "--seed",
+        type=int,
+        default=0,
+        show_default=True,
+        help="Seed of the solver's random start.",
+    ),
+]
 
 
-def spectrum_options(f: Any) -> Any:
-    """Options that decide how a spectrum is computed (shared with ``align``)."""
-    options = [
-        click.option(
-            "-k",
-            "k",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Number of top eigenpairs [default: the number of classes].",
-        ),
-        click.option(
-            "--extra",
-            type=click.IntRange(min=0),
-            default=0,
-            show_default=True,
-            help="Also compute λ_{k+1..k+m}, to show the spectral gap.",
-        ),
-        click.option(
-            "--tol",
-            type=Finite(min=0, min_open=True),
-            default=None,
-            help="Relative residual ‖Hv−λv‖/|λ| every pair must reach "
-            "[default: 1e-4 for float32, 1e-8 for float64].",
-        ),
-        click.option(
-            "--max-hvps",
-            type=click.IntRange(min=1),
-            default=None,
-            help="HVP budget per checkpoint; pairs not converged by then are "
-            "reported as not converged [default: max(2000, 100 per pair)].",
-        ),
-        click.option(
-            "--solver",
-            type=click.Choice(SOLVERS),
-            default="lanczos",
-            show_default=True,
-            help="lanczos: thick-restart Lanczos in torch on the device (one vector at a "
-            "time for a cold start on a CPU, else blocks, see --block-size); "
-            "arpack: SciPy eigsh(which='LA') over the same HVPs (reference).",
-        ),
-        click.option(
-            "--block-size",
-            type=click.IntRange(min=1),
-            default=None,
-            help="HVPs per batched product in the Lanczos solver [default: 1 for a cold "
-            "start on a CPU (single-vector Lanczos), else 2].",
-        ),
-        click.option(
-            "--basis-memory",
-            type=ByteSize(),
-            default=None,
-            help="Most memory the Lanczos basis may hold, e.g. 2G; the basis is shrunk to "
-            "fit [default: no cap; the JSON's basis_bytes says what it held].",
-        ),
-        click.option(
-            "--graph-memory",
-            type=ByteSize(),
-            default=None,
-            help="Memory for keeping each chunk's gradient graph between products (0: "
-            "rebuild it every product) [default: a quarter of the available memory].",
-        ),
-        click.option(
-            "--dtype",
-            type=click.Choice(DTYPES),
-            default="float32",
-            show_default=True,
-            help="Precision of parameters, data and HVPs.",
-        ),
-        click.option(
-            "--device",
-            default="auto",
-            show_default=True,
-            help="auto (CUDA when present), cpu, cuda or cuda:N.",
-        ),
-        click.option(
-            "--chunk-size",
-            type=click.IntRange(min=1),
-            default=1000,
-            show_default=True,
-            help="Samples per forward/backward pass; bounds memory.",
-        ),
-        click.option(
-            "--max-samples",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Use only the first N training samples [default: all].",
-        ),
-        click.option(
-            "--params",
-            "include",
-            multiple=True,
-            metavar="GLOB",
-            help="Analyse only parameters whose names match (repeatable).",
-        ),
-        click.option(
-            "--exclude",
-            multiple=True,
-            metavar="GLOB",
-            help="Leave out parameters whose names match (repeatable).",
-        ),
-        click.option(
-            "--train-mode",
-            is_flag=True,
-            help="Evaluate the model in train mode (default: eval mode). Buffers "
-            "such as BatchNorm statistics are never changed either way; in train mode "
-            "BatchNorm normalises each chunk by its own statistics, so the Hessian then "
-            "depends on --chunk-size.",
-        ),
-        click.option(
-            "--allow-dropout",
-            is_flag=True,
-            help="With --train-mode, measure a model with dropout anyway (each pass draws "
-            "new masks; refused without this flag).",
-        ),
-        click.option(
-            "--hvp-method",
-            type=click.Choice(HVP_METHODS),
-            default="auto",
-            show_default=True,
-            help=HVP_METHOD_HELP,
-        ),
-        click.option(
-            "--seed",
-            type=int,
-            default=0,
-            show_default=True,
-            help="Seed of the solver's random start.",
-        ),
-    ]
+def _apply(f: Any, options: list[Any]) -> Any:
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def settings_from(params: dict[str, Any]) -> Any:
+def spectrum_options(f: Any) -> Any:
+    """Options that decide how a spectrum is computed (shared with ``align``)."""
+    return _apply(f, _SOLVER_OPTIONS + _OPERATOR_OPTIONS)
+
+
+def operator_options(f: Any) -> Any:
+    """Options that decide the curvature operator and its products (``density``)."""
+    return _apply(f, _OPERATOR_OPTIONS)
+
+
+def settings_from(params: dict[str, Any], batch_size: int | None = None) -> Any:
+    """The settings of the options; ``batch_size`` is the gradient covariance's."""
     from subspace_cli.settings import SpectrumSettings
 
+    solver = {"k": None, "extra": 0, "tol": None, "max_hvps": None, "solver": "lanczos",
+              "block_size": None, "basis_memory": None}  # absent under operator_options
+    solver.update({key: params[key] for key in solver if key in params})
     return SpectrumSettings(
-        k=params["k"],
-        extra=params["extra"],
-        tol=params["tol"],
-        max_hvps=params["max_hvps"],
-        solver=params["solver"],
-        block_size=params["block_size"],
+        curvature=params["curvature"],
+        batch_size=batch_size,
         dtype=params["dtype"],
         device=params["device"],
         chunk_size=params["chunk_size"],
@@ -176,7 +202,7 @@ def settings_from(params: dict[str, Any]) -> Any:
         hvp_method=params["hvp_method"],
         seed=params["seed"],
         graph_memory=params["graph_memory"],
-        basis_memory=params["basis_memory"],
+        **solver,
     )
 
 
@@ -208,6 +234,13 @@ def settings_from(params: dict[str, Any]) -> Any:
 )
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint's existing group in OUTPUT.")
 @click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="The mini-batch size of --curvature gradient-covariance (its covariance scales as "
+    "1/batch size).",
+)
+@click.option(
     "--jsonl", is_flag=True, help="Print one JSON object per checkpoint as soon as it finishes."
 )
 @plugin_options
@@ -219,6 +252,7 @@ def spectrum_command(
     init_from: str | None,
     output: str | None,
     overwrite: bool,
+    batch_size: int | None,
     jsonl: bool,
     model: str | None,
     model_config: str | None,
@@ -246,7 +280,10 @@ def spectrum_command(
 
     if as_json and jsonl:
         raise UsageError("--json and --jsonl are alternatives: pick one")
-    settings = settings_from(params)
+    if batch_size is not None and params["curvature"] != "gradient-covariance":
+        raise UsageError("--batch-size is the mini-batch size of --curvature "
+                         "gradient-covariance; the other curvatures take none")
+    settings = settings_from(params, batch_size=batch_size)
     overrides = overrides_from(model, model_config, data, data_config, loss)
     from subspace_cli.analysis import SpectrumAnalysis
 
@@ -280,6 +317,7 @@ def spectrum_command(
 
 def render(record: dict[str, Any]) -> None:
     from subspace_cli.output import emit_table
+    from subspace_cli.spectrum import curvature_name
 
     k = record["k"]
     rows = [
@@ -289,7 +327,8 @@ def render(record: dict[str, Any]) -> None:
         )
     ]
     title = (
-        f"{record['checkpoint']}: top {k} of the {record['loss']} Hessian, "
+        f"{record['checkpoint']}: top {k} of the {record['loss']} "
+        f"{curvature_name(record['curvature'], record['curvature_batch_size'])}, "
         f"{record['n_params']:,} parameters, {record['n_samples']:,} samples, "
         f"{record['mode']} mode, {record['dtype']} on {record['device']}"
     )
@@ -301,7 +340,8 @@ def render(record: dict[str, Any]) -> None:
         else f", {choice}" if choice in ("cached", "one vector on a CPU") else ""
     )
     cost = (
-        f"{record['hvp_count']} HVPs ({record['hvp_method']}{probe}), {record['seconds']:.2f} s, "
+        f"{record['hvp_count']} {'HVPs' if record['curvature'] == 'hessian' else 'products'} "
+        f"({record['hvp_method']}{probe}), {record['seconds']:.2f} s, "
         f"tol {record['tol']:g}, {record['solver']}"
     )
     memory = f"; basis {record['basis_bytes'] / 2**20:.1f} MiB"
