@@ -236,6 +236,30 @@ def for_each_input(
     return Outcome(len(inputs), failures, noun)
 
 
+def run_each(ctx: click.Context, checkpoints: Sequence[str], run: Callable[[Any], dict[str, Any]],
+             render: Callable[[dict[str, Any]], None], *, as_json: bool,
+             jsonl: bool = False) -> None:
+    """Run an analysis on every checkpoint in turn, rendering each record as it is made (or one
+    JSON line each with ``jsonl``), or all of them as one JSON array at the end; then exit as
+    :meth:`Outcome.exit` says."""
+    from subspace_cli.output import emit_json
+
+    results: list[dict[str, Any]] = []
+
+    def handle(path: Any) -> None:
+        record = run(path)
+        results.append(record)
+        if jsonl:
+            emit_json(record, lines=True)
+        elif not as_json:
+            render(record)
+
+    outcome = for_each_input(ctx, checkpoints, handle)
+    if as_json:
+        emit_json(results)
+    outcome.exit(ctx)
+
+
 class Outcome:
     """How many inputs a command processed and how many failed."""
 

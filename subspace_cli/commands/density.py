@@ -3,7 +3,6 @@ quadrature and Hutchinson's estimator."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
@@ -11,11 +10,11 @@ import click
 from subspace_cli.commands.common import (
     Finite,
     examples,
-    for_each_input,
     is_quiet,
     output_options,
     overrides_from,
     plugin_options,
+    run_each,
 )
 from subspace_cli.commands.spectrum import operator_options, settings_from
 
@@ -72,20 +71,7 @@ def density_command(ctx: click.Context, checkpoints: tuple[str, ...], runs: int,
     analysis = DensityAnalysis(settings, overrides, runs=runs, steps=lanczos_steps,
                                trace_probes=trace_probes, grid_points=grid_points, width=width,
                                output=output, overwrite=overwrite, quiet=is_quiet(ctx))
-    results: list[dict[str, Any]] = []
-
-    def handle(path: Path) -> None:
-        record = analysis.run(path)
-        results.append(record)
-        if not as_json:
-            render(record)
-
-    outcome = for_each_input(ctx, checkpoints, handle)
-    if as_json:
-        from subspace_cli.output import emit_json
-
-        emit_json(results)
-    outcome.exit(ctx)
+    run_each(ctx, checkpoints, analysis.run, render, as_json=as_json)
 
 
 def render(record: dict[str, Any]) -> None:

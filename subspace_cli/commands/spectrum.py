@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
@@ -12,11 +11,11 @@ from subspace_cli.commands.common import (
     ByteSize,
     Finite,
     examples,
-    for_each_input,
     is_quiet,
     output_options,
     overrides_from,
     plugin_options,
+    run_each,
 )
 from subspace_cli.settings import CURVATURES, DTYPES, HVP_METHODS, SOLVERS
 
@@ -295,24 +294,7 @@ def spectrum_command(
         overwrite=overwrite,
         quiet=is_quiet(ctx),
     )
-    results: list[dict[str, Any]] = []
-
-    def handle(path: Path) -> None:
-        from subspace_cli.output import emit_json
-
-        record = analysis.run(path)
-        results.append(record)
-        if jsonl:
-            emit_json(record, lines=True)
-        elif not as_json:
-            render(record)
-
-    outcome = for_each_input(ctx, checkpoints, handle)
-    if as_json:
-        from subspace_cli.output import emit_json
-
-        emit_json(results)
-    outcome.exit(ctx)
+    run_each(ctx, checkpoints, analysis.run, render, as_json=as_json, jsonl=jsonl)
 
 
 def render(record: dict[str, Any]) -> None:
