@@ -44,12 +44,13 @@ def dense_ggn(model, data, loss: str, chunk: int = 64) -> torch.Tensor:
         x, y = x_all[start:start + chunk], data.y[start:start + chunk]
         jac = torch.func.vmap(torch.func.jacrev(output), in_dims=(None, 0))(theta, x)
         out = torch.func.vmap(output, in_dims=(None, 0))(theta, x).detach()
+        if loss == "mse":  # Hₙ = I: one product for the chunk
+            flat = jac.reshape(-1, len(theta))
+            total.addmm_(flat.T, flat)
+            continue
         for n in range(len(x)):
-            if loss == "mse":
-                h = torch.eye(out.shape[1], dtype=torch.float64)
-            else:
-                h = torch.autograd.functional.hessian(
-                    lambda f, t=y[n]: torch.nn.functional.cross_entropy(f[None], t[None]), out[n])
+            h = torch.autograd.functional.hessian(
+                lambda f, t=y[n]: torch.nn.functional.cross_entropy(f[None], t[None]), out[n])
             total += jac[n].T @ h @ jac[n]
     return total / len(data)
 

@@ -66,15 +66,20 @@ _NO_HARD_LINKS = frozenset(
 )
 
 
-def checkpoint_key(path: str | os.PathLike[str]) -> str:
+def checkpoint_key(path: str | os.PathLike[str], block: str | None = None) -> str:
     """The group name for a checkpoint: its path relative to the working directory when inside
-    it (absolute otherwise), with ``%`` and ``/`` percent-encoded."""
+    it (absolute otherwise), with ``%`` and ``/`` percent-encoded; for one diagonal block of
+    its curvature (``spectrum --per-module``), followed by ``%23`` (an encoded ``#``) and the
+    block's name, encoded alike."""
     p = Path(path).resolve()
     try:
         text = str(p.relative_to(Path.cwd().resolve()))
     except ValueError:
         text = str(p)
-    return text.replace("%", "%25").replace("/", "%2F")
+    key = text.replace("%", "%25").replace("/", "%2F")
+    if block:
+        key += "%23" + block.replace("%", "%25").replace("/", "%2F")
+    return key
 
 
 @hdf5.transferable
@@ -202,12 +207,13 @@ def _link_target(index: Path, filename: str) -> Path:
 
 
 @spectra_reader
-def has_group(path: str | os.PathLike[str], checkpoint: str | os.PathLike[str]) -> bool:
+def has_group(path: str | os.PathLike[str], checkpoint: str | os.PathLike[str],
+              block: str | None = None) -> bool:
     p = Path(path)
     if not p.exists():
         return False
     with _reading(p) as f:
-        return checkpoint_key(checkpoint) in f
+        return checkpoint_key(checkpoint, block) in f
 
 
 @spectra_reader
@@ -327,7 +333,8 @@ def read_spectrum(
         if sha256 is not None:
             for name in f:
                 group = _member(f, p, name)
-                if _decode(group.attrs.get("checkpoint_sha256")) == sha256:
+                if _decode(group.attrs.get("checkpoint_sha256")) == sha256 and not _decode(
+                        group.attrs.get("block", "")):  # a block is not the whole spectrum
                     return _read_group(group, name)
     return None
 
@@ -347,14 +354,15 @@ def write_spectrum(
         The group name.
     """
     p = Path(path)
-    key = checkpoint_key(spectrum.checkpoint)
+    block = str(spectrum.attrs.get("block") or "") or None
+    key = checkpoint_key(spectrum.checkpoint, block)
 
     def change(update: _Update) -> None:
         if key in update.links:
             if not overwrite:
                 raise UsageError(
-                    f"{p} already holds a spectrum of {spectrum.checkpoint}; "
-                    "pass --overwrite to replace it"
+                    f"{p} already holds a spectrum of {spectrum.checkpoint}"
+                    + (f" block {block}" if block else "") + "; pass --overwrite to replace it"
                 )
         update.write_group_file(key, lambda f: _write_group(f.create_group(key), spectrum))
 

@@ -195,3 +195,48 @@ def test_align_and_project_train_take_the_curvature(tmp_path, fake_plugin):  # n
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["curvature"] == "gradient-covariance"
     assert runlog.read(out / "run.h5")["config"]["curvature"] == "gradient-covariance"
+
+
+def test_per_module_spectra_are_the_dense_hessians_diagonal_blocks(tmp_path, fake_plugin):  # noqa: F811
+    """The fake plugin's BatchNorm MLP (modules 0: Linear, 1: BatchNorm, 3: Linear), eval mode:
+    each block's eigenvalues are those of the dense Hessian's diagonal block, each block is its
+    own group, and --group collects parameters by glob."""
+    from plugin_fixtures import bn_checkpoint
+
+    from subspace_cli import store
+    from subspace_cli.checkpoint import SpecOverrides
+    from subspace_cli.experiment import load_experiment
+
+    ckpt = tmp_path / "bn.safetensors"
+    bn_checkpoint(ckpt)
+    out = str(tmp_path / "s.h5")
+    result = run_cli("spectrum", str(ckpt), "--per-module", "-k", "2", "--dtype", "float64",
+                     "--json", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    [record] = json.loads(result.stdout)
+    assert [b["block"] for b in record["blocks"]] == ["0", "1", "3"]
+    experiment = load_experiment(ckpt, SpecOverrides())
+    model = experiment.model.double()
+    h = dense_hessian(model, experiment.data, "ce")
+    sizes = [p.numel() for p in model.parameters()]
+    offsets = np.cumsum([0, *sizes])
+    names = [n for n, _ in model.named_parameters()]
+    for block in record["blocks"]:
+        index = [names.index(n) for n in block["block_parameters"]]
+        rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in index])
+        want = torch.linalg.eigvalsh(h[rows][:, rows]).flip(0)[:2]
+        np.testing.assert_allclose(block["eigenvalues"], want.numpy(), rtol=1e-7, atol=1e-10)
+    groups = list(store.iter_spectra(out))
+    assert sorted(g.attrs["block"] for g in groups) == ["0", "1", "3"]
+    assert store.read_spectrum(out, ckpt) is None  # blocks are not the whole spectrum
+    grouped = run_cli("spectrum", str(ckpt), "--group", "weights=*.weight", "--group",
+                      "first=0.*", "--group", "first=1.*", "-k", "2", "--dtype", "float64",
+                      "--json")
+    assert grouped.exit_code == 0, grouped.stderr
+    [record] = json.loads(grouped.stdout)
+    assert record["blocks"][1]["block_parameters"] == ["0.weight", "0.bias", "1.weight",
+                                                       "1.bias"]
+    table = run_cli("spectrum", str(ckpt), "--per-module", "-k", "2")
+    assert "top 2 of each diagonal block of the ce Hessian, 3 blocks" in table.stdout
+    refused = run_cli("spectrum", str(ckpt), "--per-module", "--params", "0.*")
+    assert refused.exit_code == 2 and "drop --params" in refused.stderr

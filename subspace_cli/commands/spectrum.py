@@ -240,6 +240,20 @@ def settings_from(params: dict[str, Any], batch_size: int | None = None) -> Any:
     "1/batch size).",
 )
 @click.option(
+    "--per-module",
+    is_flag=True,
+    help="One spectrum per module that owns parameters: the diagonal blocks of the "
+    "curvature, each stored as its own group and shown in one table.",
+)
+@click.option(
+    "--group",
+    "groups",
+    multiple=True,
+    metavar="NAME=GLOB",
+    help="One spectrum per named group of parameters (repeatable; a NAME given twice "
+    "collects both globs), instead of --per-module's modules.",
+)
+@click.option(
     "--jsonl", is_flag=True, help="Print one JSON object per checkpoint as soon as it finishes."
 )
 @plugin_options
@@ -252,6 +266,8 @@ def spectrum_command(
     output: str | None,
     overwrite: bool,
     batch_size: int | None,
+    per_module: bool,
+    groups: tuple[str, ...],
     jsonl: bool,
     model: str | None,
     model_config: str | None,
@@ -282,6 +298,11 @@ def spectrum_command(
     if batch_size is not None and params["curvature"] != "gradient-covariance":
         raise UsageError("--batch-size is the mini-batch size of --curvature "
                          "gradient-covariance; the other curvatures take none")
+    if per_module and groups:
+        raise UsageError("--per-module and --group are alternatives: pick one")
+    if (per_module or groups) and (params["include"] or params["exclude"]):
+        raise UsageError("--per-module and --group choose the parameters themselves: drop "
+                         "--params/--exclude")
     settings = settings_from(params, batch_size=batch_size)
     overrides = overrides_from(model, model_config, data, data_config, loss)
     from subspace_cli.analysis import SpectrumAnalysis
@@ -293,11 +314,29 @@ def spectrum_command(
         output=output,
         overwrite=overwrite,
         quiet=is_quiet(ctx),
+        per_module=per_module,
+        groups=parse_groups(groups),
     )
     run_each(ctx, checkpoints, analysis.run, render, as_json=as_json, jsonl=jsonl)
 
 
+def parse_groups(values: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]] | None:
+    """``NAME=GLOB`` values as (name, globs) in order of first appearance."""
+    from subspace_cli.errors import UsageError
+
+    groups: dict[str, list[str]] = {}
+    for value in values:
+        name, sep, pattern = value.partition("=")
+        if not sep or not name or not pattern:
+            raise UsageError(f"--group takes NAME=GLOB, got {value!r}")
+        groups.setdefault(name, []).append(pattern)
+    return [(name, tuple(globs)) for name, globs in groups.items()] or None
+
+
 def render(record: dict[str, Any]) -> None:
+    if "blocks" in record:
+        render_blocks(record)
+        return
     from subspace_cli.output import emit_table
     from subspace_cli.spectrum import curvature_name
 
@@ -341,3 +380,27 @@ def render(record: dict[str, Any]) -> None:
     if record["extra"]:
         click.echo("* beyond k (--extra), to show the gap")
     click.echo()
+
+
+def render_blocks(record: dict[str, Any]) -> None:
+    """One table for the diagonal blocks of one checkpoint: a row per block."""
+    from subspace_cli.output import emit_table
+    from subspace_cli.spectrum import curvature_name
+
+    blocks = record["blocks"]
+    first = blocks[0]
+    k = max(b["k"] for b in blocks)
+    rows = [[b["block"], f"{b['n_params']:,}",
+             *[f"{v:.6g}" for v in b["eigenvalues"][: b["k"]]], *[""] * (k - b["k"]),
+             "yes" if all(b["converged"]) else "NO", b["hvp_count"]] for b in blocks]
+    name = curvature_name(first["curvature"], first["curvature_batch_size"])
+    click.echo(f"{record['checkpoint']}: top {k} of each diagonal block of the {first['loss']} "
+               f"{name}, {len(blocks)} blocks, {first['n_samples']:,} samples, {first['mode']} "
+               f"mode, {first['dtype']} on {first['device']}")
+    emit_table(rows, headers=["block", "parameters", *[f"λ_{i + 1}" for i in range(k)],
+                              "converged", "HVPs"], floatfmt="")
+    stored = [b["group"] for b in blocks if b.get("group")]
+    if stored:
+        click.echo(f"stored as {len(stored)} groups in {blocks[0]['output']}")
+    click.echo()
+
