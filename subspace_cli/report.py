@@ -84,6 +84,7 @@ class SpectraEntry:
     converged: np.ndarray
     attrs: dict[str, Any]
     alignment: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
+    density: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
 
 
 @isolated("HDF5 file")
@@ -209,12 +210,15 @@ def _checkpoint_sha256(path: Path) -> str | None:
 
 @store.spectra_reader  # one child for both reads; no eigenvectors travel
 def load_spectra(path: Path) -> list[SpectraEntry]:
-    """Every spectrum of a spectra file, with its full-Hessian alignment subgroup if any."""
+    """Every spectrum of a spectra file, with its full-Hessian alignment subgroup and its
+    spectral density (``subspace density``) if any."""
     alignments = store.read_subgroups(path, "alignment")
+    densities = store.read_subgroups(path, "density")
     return [SpectraEntry(
         file=path, checkpoint=s.checkpoint, k=s.k, eigenvalues=np.asarray(s.eigenvalues),
         residuals=np.asarray(s.residuals), converged=np.asarray(s.converged, dtype=bool),
-        attrs=s.attrs, alignment=alignments.get(s.group)) for s in store.iter_spectra(path)]
+        attrs=s.attrs, alignment=alignments.get(s.group), density=densities.get(s.group))
+        for s in store.iter_spectra(path)]
 
 
 # ------------------------------------------------------------------------------- summaries
@@ -231,7 +235,7 @@ def assign_labels(runs: Sequence[Run]) -> None:
             continue
         differing = [(key, fmt) for key, fmt in (
             ("lr", "η={:g}"), ("batch_size", "B={}"), ("k", "k={}"), ("optimizer", "{}"),
-            ("rho", "ρ={:g}"), ("momentum", "μ={:g}"),
+            ("rho", "ρ={:g}"), ("momentum", "μ={:g}"), ("curvature", "{}"),
         ) if len({json.dumps(r.config.get(key)) for r in same}) > 1]
         several_starts = len({r.start_key for r in same}) > 1
         for run in same:
@@ -714,6 +718,38 @@ def plot_spectra(entries: Sequence[SpectraEntry]) -> Any | None:
     return fig
 
 
+def plot_density(entries: Sequence[SpectraEntry]) -> Any | None:
+    """Each stored spectral density on a log scale, the checkpoint's top-k eigenvalues marked."""
+    have = [e for e in entries if e.density is not None]
+    if not have:
+        return None
+    from matplotlib import colormaps
+
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    cmap = colormaps["tab10"]
+    for i, e in enumerate(have):
+        attrs, data = e.density  # type: ignore[misc]
+        color = cmap(i % 10)
+        grid, density = np.asarray(data["grid"]), np.asarray(data["density"])
+        positive = density > 0
+        ax.plot(grid[positive], density[positive], color=color,
+                label=f"{Path(e.checkpoint).name}: {attrs.get('curvature', 'hessian')} "
+                      f"density (σ = {float(attrs['width']):.3g})")
+        for j, value in enumerate(e.eigenvalues[: e.k]):
+            ax.axvline(float(value), color=color, linestyle=":", linewidth=0.8,
+                       label=f"top {e.k} eigenvalues" if j == 0 else None)
+    ax.set_yscale("log")
+    peak = max(float(np.max(e.density[1]["density"])) for e in have)  # type: ignore[index]
+    ax.set_ylim(bottom=peak * 1e-10)  # below that, only the Gaussians' far tails
+    ax.set_xlabel("eigenvalue λ")
+    ax.set_ylabel("density")
+    ax.set_title("Spectral density (stochastic Lanczos quadrature)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
 def plot_alignment(entries: Sequence[SpectraEntry]) -> Any | None:
     have = [e for e in entries if e.alignment is not None]
     if not have:
@@ -776,6 +812,8 @@ def write_plots(out_dir: Path, groups: Sequence[Sequence[Run]], entries: Sequenc
             ("spectrum", lambda: plot_spectra(entries), ""),
             ("alignment", lambda: plot_alignment(entries),
              "no spectra file holds alignment results (subspace align -o FILE)"),
+            ("density", lambda: plot_density(entries),
+             "no spectra file holds a spectral density (subspace density -o FILE)"),
         ]
     for stem, make, why in makers:
         fig = make()

@@ -124,3 +124,6 @@ def test_density_command_matches_the_dense_hessian_and_is_stored(tmp_path, fake_
     np.testing.assert_allclose(datasets["density"], density)
     again = run_cli("density", str(ckpt), "-o", out)
     assert again.exit_code == 2 and "already holds a density" in again.stderr
+    report = run_cli("report", out, "-o", str(tmp_path / "report"), "--plot-format", "png")
+    assert report.exit_code == 0, report.stderr
+    assert (tmp_path / "report" / "density.png").stat().st_size > 0
