@@ -193,7 +193,8 @@ def read_hf_directory(p: Path, read: Any) -> Checkpoint:
     tensors: dict[str, torch.Tensor] = {}
     shards = _shards(p)
     for shard in shards:
-        part = read(shard).tensors
+        part = _read_torch_shard(shard, header=read is read_header) if shard.suffix == ".bin" \
+            else read(shard).tensors
         twice = sorted(set(part) & set(tensors))
         if twice:
             raise CheckpointError(f"{p}: tensors in more than one shard: {_name_list(twice)}")
@@ -207,6 +208,17 @@ def read_hf_directory(p: Path, read: Any) -> Checkpoint:
     metadata = {KEY_MODEL: HF_MODEL_PLUGIN,
                 KEY_MODEL_CONFIG: json.dumps({"config": config}, sort_keys=True)}
     return Checkpoint(p, tensors, metadata)
+
+
+def _read_torch_shard(p: Path, *, header: bool) -> dict[str, torch.Tensor]:
+    """``pytorch_model.bin`` (``torch.save`` of a state_dict, read with ``weights_only``); for a
+    header, stand-ins on the ``meta`` device."""
+    import torch
+
+    tensors = _read_torch_state_dict(p, mmap=header)
+    if header:
+        return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
+    return tensors
 
 
 def _read_torch_state_dict(p: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:

@@ -42,8 +42,7 @@ class _JacobianProducts(ChunkedOperator):
     def _moved(self) -> None:
         pass
 
-    def _one_label_per_sample(self) -> None:
-        y = self.data.y
+    def _one_label_per_sample(self, y: torch.Tensor | None) -> None:
         if y is not None and y.dim() > 1:
             raise UsageError(f"--curvature {self.curvature} needs one label per sample; these "
                              "labels are per token (use hessian or ggn)")
@@ -78,10 +77,12 @@ class FisherOperator(_JacobianProducts):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._one_label_per_sample()
+        self._one_label_per_sample(self.data.y)
 
     def _chunk_product(self, x: Inputs, y: torch.Tensor, vectors: torch.Tensor,
                        index: int) -> torch.Tensor:
+        self._one_label_per_sample(y)  # labels from a dataset are seen only here
+
         def losses(theta: torch.Tensor) -> torch.Tensor:
             return per_sample_loss(self.loss, self.functional(theta, x), y)
 
@@ -118,7 +119,7 @@ class GradientCovarianceOperator(FisherOperator):
         if self._mean_gradient is None:
             self._mean_gradient = self.loss_and_gradient()[1]
         g = self._mean_gradient
-        n, b = self.n_samples, self.batch_size
+        n, b = self.n_units or self.n_samples, self.batch_size  # the labelled samples
         scale = (n - b) / (b * (n - 1)) if n > 1 else 0.0
         vectors = vectors.to(self.device, self.dtype)
         return scale * (fisher - (vectors @ g).unsqueeze(1) * g.unsqueeze(0))

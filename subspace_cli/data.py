@@ -155,7 +155,10 @@ class TrainingData:
             return index_inputs(self.x, indices), self.y[indices]
         assert self.dataset is not None
         items = [self.dataset[int(i)] for i in indices]
-        ys = torch.stack([torch.as_tensor(item[1]).long() for item in items])
+        labels = [torch.as_tensor(item[1]).long() for item in items]
+        if all(label.numel() == 1 and label.dim() <= 1 for label in labels):
+            labels = [label.reshape(()) for label in labels]  # one class per sample: (N,)
+        ys = torch.stack(labels)
         if items and isinstance(items[0][0], Mapping):
             names = list(items[0][0])
             return {n: torch.stack([torch.as_tensor(it[0][n]) for it in items])

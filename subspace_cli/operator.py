@@ -93,7 +93,6 @@ class ChunkedOperator(ABC):
         self.n_samples = sample_count(data, max_samples)
         if self.n_samples == 0:
             raise UsageError("the training set is empty")
-        parallel.check_shards(self.n_samples)
         self.hvp_count = 0
         self.n_units: int | None = None  # labelled units (samples or tokens), after one pass
         self.functional = FunctionalModel(model, self.layout, device=self.device, dtype=dtype,
@@ -134,6 +133,7 @@ class ChunkedOperator(ABC):
         m = vectors.shape[0]
         if m == 0:
             return torch.zeros_like(vectors)
+        parallel.check_shards(self.n_samples)  # every rank runs the first product's choice
         sums = torch.zeros_like(vectors)
         units = 0
         with self.functional.mode():

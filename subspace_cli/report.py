@@ -703,7 +703,8 @@ def plot_spectra(entries: Sequence[SpectraEntry]) -> Any | None:
     for i, e in enumerate(entries):
         values = e.eigenvalues[: e.k]
         color = cmap(i / max(len(entries) - 1, 1))
-        label = Path(e.checkpoint).name
+        label = Path(e.checkpoint).name + (f" [{e.attrs['block']}]" if e.attrs.get("block")
+                                           else "")  # a diagonal block (--per-module)
         if many and 0 < i < len(entries) - 1:
             label = None
         ax.plot(np.arange(1, len(values) + 1), values, marker="o", markersize=3.5, color=color,
@@ -711,8 +712,9 @@ def plot_spectra(entries: Sequence[SpectraEntry]) -> Any | None:
     ax.set_xlabel("index i")
     ax.set_ylabel("λ_i")
     loss = entries[0].attrs.get("loss")
-    ax.set_title("Top Hessian eigenvalues per checkpoint"
-                 + (f" ({loss} loss)" if loss else ""))
+    curvatures = sorted({str(e.attrs.get("curvature", "hessian")) for e in entries})
+    ax.set_title(f"Top eigenvalues per checkpoint ({', '.join(curvatures)}"
+                 + (f", {loss} loss)" if loss else ")"))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     return fig

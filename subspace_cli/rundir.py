@@ -154,7 +154,8 @@ def _refuse_if_used(run_dir: Path) -> None:
     """Refuse a directory that holds anything but a lock file."""
     from subspace_cli.errors import UsageError
 
-    if any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+    if any(p.name != LOCK_NAME and not p.name.startswith(".subspace-probe.")  # check_writable
+           for p in run_dir.iterdir()):
         raise UsageError(f"{run_dir} is not empty: choose a new --out, or --resume {run_dir}")
 
 

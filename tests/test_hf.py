@@ -99,6 +99,9 @@ def saved(tmp_path_factory):
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2))
     model.save_pretrained(root / "gpt2")
     model.save_pretrained(root / "sharded", max_shard_size="1KB")
+    (root / "bin").mkdir()  # the older layout: torch.save of the state_dict (both tied names)
+    (root / "bin" / "config.json").write_text((root / "gpt2" / "config.json").read_text())
+    torch.save(model.state_dict(), root / "bin" / "pytorch_model.bin")
     ids, mask = _sequences()
     save_file({"input_ids": ids, "attention_mask": mask}, str(root / "lm.safetensors"))
     return root
@@ -122,9 +125,10 @@ def test_inspect_reads_a_save_pretrained_directory_whole_or_sharded(saved):
     assert report["n_params"] == sum(np.prod(t["shape"]) for t in report["tensors"]
                                      if not t["name"].endswith(".attn.bias"))
     assert len(list((saved / "sharded").glob("model-*.safetensors"))) > 1
-    sharded = run_cli("inspect", str(saved / "sharded"), *_flags(saved), "--json")
-    assert sharded.exit_code == 0, sharded.stderr
-    assert json.loads(sharded.stdout)[0]["sha256"] == report["sha256"]
+    for layout in ("sharded", "bin"):
+        other = run_cli("inspect", str(saved / layout), *_flags(saved), "--json")
+        assert other.exit_code == 0, other.stderr
+        assert json.loads(other.stdout)[0]["sha256"] == report["sha256"], layout
 
 
 def test_a_broken_sharded_directory_is_one_line_with_exit_2(saved, tmp_path):

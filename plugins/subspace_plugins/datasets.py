@@ -390,6 +390,8 @@ def tokens(
             y = y.masked_fill(mask == 0, IGNORE_INDEX)
         if shift:
             y = torch.cat([y[:, 1:], torch.full_like(y[:, :1], IGNORE_INDEX)], dim=1)
+            if mask is not None:  # nor is a hidden position's output scored (left padding)
+                y = y.masked_fill(mask == 0, IGNORE_INDEX)
     elif shift:
         raise ValueError("tokens: shift_labels needs one label per token, not per sequence")
     kept = y[y != IGNORE_INDEX]

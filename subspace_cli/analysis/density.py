@@ -42,6 +42,14 @@ class DensityAnalysis(CheckpointSequence):
                     f"the top-k eigenpairs, so run `subspace spectrum {path} -o {self.output}` "
                     "first"
                 )
+            stored = store.read_spectrum(self.output, path)
+            curvature = str(stored.attrs.get("curvature", "hessian")) if stored else "hessian"
+            if curvature != self.settings.curvature:
+                raise UsageError(
+                    f"{self.output}: the spectrum of {path} is of the {curvature}, this density "
+                    f"of the {self.settings.curvature}: they would be stored (and plotted) "
+                    "together; pass the same --curvature, or another -o"
+                )
             if not self.overwrite and store.read_subgroup(self.output, path, SUBGROUP):
                 raise UsageError(f"{self.output} already holds a density of {path}; pass "
                                  "--overwrite to replace it")

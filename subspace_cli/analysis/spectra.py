@@ -53,9 +53,13 @@ class SpectrumAnalysis(CheckpointSequence):
         for name, _ in blocks:
             self._refuse_existing(path, name)
         records = []
+        sizes = dict(experiment.model.named_parameters())
+        want = self.settings.k or (experiment.data.num_classes if experiment.data else 1)
         for name, names in blocks:
+            n = sum(sizes[p].numel() for p in names)
+            k = min(want, n)  # a small block (a bias, a LayerNorm) has fewer pairs
             settings = dataclasses.replace(self.settings, include=tuple(map(glob.escape, names)),
-                                           exclude=())
+                                           exclude=(), k=k, extra=min(self.settings.extra, n - k))
             records.append(self._solve(path, experiment, settings, name))
         return {"checkpoint": str(path), "blocks": records}
 
@@ -117,7 +121,7 @@ class SpectrumAnalysis(CheckpointSequence):
         if record["chunk_dependent"]:
             say(f"note: {path}: in train mode BatchNorm normalises each chunk of "
                 f"{settings.chunk_size} samples by its own statistics, so this Hessian depends "
-                "on --chunk-size")
+                "on --chunk-size (and on the number of data-parallel processes)")
         unconverged = len(run.result.converged) - sum(run.result.converged)
         if unconverged:
             say(

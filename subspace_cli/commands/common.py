@@ -226,8 +226,10 @@ def for_each_input(
                 raise UsageError(item.error)
             handle(item.path)
         except SubspaceError as exc:
-            if wants_traceback(ctx):
-                raise
+            from subspace_cli import parallel
+
+            if wants_traceback(ctx) or parallel.world().distributed:
+                raise  # data-parallel: the ranks must not part ways, so a failure ends the run
             failures += 1
             message = str(exc)
             if item.path is not None and not message.startswith(str(item.path)):
