@@ -7,7 +7,8 @@
 #   examples/07_curvature.sh [none] [hessian] [ggn] [gradient-covariance]   (default: all)
 # STEPS (default 300) steps each; OUT (default examples/out/07_curvature) must not exist unless
 # only some runs are asked for (then the others' folders must not).
-# Cost on a 2-core CPU: 3 to 6 minutes a run with one torch thread.
+# Cost on a 2-core CPU with one torch thread a run: 3 to 5 minutes for SGD and the Hessian and
+# GGN runs, 13 to 17 for the gradient-covariance runs (their subspace moves faster).
 source "$(dirname "$0")/common.sh"
 OUT=${OUT:-examples/out/07_curvature}
 STEPS=${STEPS:-300}
