@@ -155,7 +155,7 @@ def density_table(checkpoint: str, spectrum: np.ndarray, runs: int, steps: int) 
     from subspace_cli.density import spectral_density
     from subspace_cli.experiment import load_experiment
     from subspace_cli.settings import SpectrumSettings
-    from subspace_cli.spectrum import hessian_operator
+    from subspace_cli.spectrum import curvature_operator
 
     trapezoid = getattr(np, "trapezoid", None) or np.trapz
     lo, hi = float(spectrum.min()), float(spectrum.max())
@@ -205,7 +205,7 @@ def density_table(checkpoint: str, spectrum: np.ndarray, runs: int, steps: int) 
     result = eigenthings_density(eigen_op, num_runs=runs, lanczos_steps=steps,
                                  num_grid_points=points, sigma=width, seed=0)
     eigen_s = time.perf_counter() - started
-    op = hessian_operator(experiment, SpectrumSettings(curvature="ggn", device="cpu"))
+    op = curvature_operator(experiment, SpectrumSettings(curvature="ggn", device="cpu"))
     started = time.perf_counter()
     ours = spectral_density(op, runs=runs, steps=steps, trace_probes=0, width=width,
                             grid_points=points)

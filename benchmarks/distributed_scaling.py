@@ -47,14 +47,14 @@ def worker(args: argparse.Namespace) -> None:
     from subspace_cli.checkpoint import SpecOverrides
     from subspace_cli.experiment import load_experiment
     from subspace_cli.settings import SpectrumSettings
-    from subspace_cli.spectrum import compute_spectrum, hessian_operator
+    from subspace_cli.spectrum import compute_spectrum, curvature_operator
 
     world = parallel.init()
     experiment = load_experiment(args.checkpoint, SpecOverrides())
     settings = SpectrumSettings(k=args.k, dtype="float32", device=args.device,
                                 chunk_size=args.chunk_size, hvp_method="reverse-loop",
                                 seed=0)
-    op = hessian_operator(experiment, settings)
+    op = curvature_operator(experiment, settings)
     v = torch.randn(op.n_params, generator=torch.Generator().manual_seed(0)).to(op.device)
     for _ in range(2):
         op.matvec(v)

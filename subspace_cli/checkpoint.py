@@ -72,7 +72,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Read a checkpoint without building any model."""
     p = Path(path)
     if p.is_dir():
-        return read_hf_directory(p, read_checkpoint)
+        return read_hf_directory(p, header=False)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such file")
     suffix = p.suffix.lower()
@@ -106,7 +106,7 @@ def read_header(path: str | os.PathLike[str]) -> Checkpoint:
 
     p = Path(path)
     if p.is_dir():
-        return read_hf_directory(p, read_header)
+        return read_hf_directory(p, header=True)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such file")
     if p.suffix.lower() in TORCH_SUFFIXES:
@@ -179,9 +179,9 @@ def _shards(p: Path) -> list[Path]:
     return [p / name for name in names]
 
 
-def read_hf_directory(p: Path, read: Any) -> Checkpoint:
-    """A ``save_pretrained`` directory as one checkpoint: its shards' tensors (each read by
-    ``read``, :func:`read_checkpoint` or :func:`read_header`), and metadata that names the
+def read_hf_directory(p: Path, *, header: bool) -> Checkpoint:
+    """A ``save_pretrained`` directory as one checkpoint: its shards' tensors (with
+    ``header``, stand-ins as :func:`read_header` gives), and metadata that names the
     ``hf`` model plugin with the directory's ``config.json`` as its config (data and loss come
     from the command line, as for a plain state_dict)."""
     if not is_hf_directory(p):
@@ -193,8 +193,10 @@ def read_hf_directory(p: Path, read: Any) -> Checkpoint:
     tensors: dict[str, torch.Tensor] = {}
     shards = _shards(p)
     for shard in shards:
-        part = _read_torch_shard(shard, header=read is read_header) if shard.suffix == ".bin" \
-            else read(shard).tensors
+        if shard.suffix == ".bin":
+            part = _read_torch_shard(shard, header=header)
+        else:
+            part = (read_header if header else read_checkpoint)(shard).tensors
         twice = sorted(set(part) & set(tensors))
         if twice:
             raise CheckpointError(f"{p}: tensors in more than one shard: {_name_list(twice)}")

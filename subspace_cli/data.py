@@ -97,6 +97,16 @@ def unit_count(y: torch.Tensor) -> int:
     return int((y != IGNORE_INDEX).sum())
 
 
+def require_units(count: int, what: str = "the training set") -> int:
+    """``count`` labelled units, refused when there are none (every label ignored)."""
+    if count == 0:
+        from subspace_cli.errors import UsageError
+
+        raise UsageError(f"no label of {what} takes part in the loss (all are {IGNORE_INDEX},"
+                         " the ignore index)")
+    return count
+
+
 @dataclass(frozen=True)
 class TrainingData:
     """The full training set of an experiment.

@@ -20,10 +20,10 @@ import torch
 
 from subspace_cli import parallel
 from subspace_cli.data import (
-    IGNORE_INDEX,
     Inputs,
     TrainingData,
     iter_chunks,
+    require_units,
     sample_count,
     unit_count,
 )
@@ -139,9 +139,9 @@ class ChunkedOperator(ABC):
         with self.functional.mode():
             for index, (x, y) in enumerate(self._chunks()):
                 sums += self._chunk_product(x, y, vectors, index)
-                units += unit_count(y)
-        sums, units = parallel.reduce(sums, units)
-        result = sums / self._units(units)
+                if self.n_units is None:
+                    units += unit_count(y)
+        result = self._mean(sums, units)
         if not bool(torch.isfinite(result).all()):
             raise NumericalError(
                 f"a {self.product_name} is not finite (does the loss or the model overflow?"
@@ -172,11 +172,11 @@ class ChunkedOperator(ABC):
                 (grad,) = torch.autograd.grad(chunk_loss, theta, allow_unused=True)
                 sums[0] += chunk_loss.detach()
                 sums[1] += correct_count(output.detach(), y)
-                units += unit_count(y)
+                if self.n_units is None:
+                    units += unit_count(y)
                 if grad is not None:
                     sums[2:] += grad
-        sums, units = parallel.reduce(sums, units)
-        mean = sums / self._units(units)
+        mean = self._mean(sums, units)
         if not bool(torch.isfinite(mean).all()):
             raise NumericalError("the loss or its gradient is not finite")
         return float(mean[0]), mean[2:].clone(), float(mean[1])
@@ -206,16 +206,14 @@ class ChunkedOperator(ABC):
         return iter_chunks(self.data, self.chunk_size, self.max_samples, self.device, self.dtype,
                            sharded=True)
 
-    def _units(self, units: int) -> int:
-        """The divisor of a pass's sums: its labelled units (samples, or tokens); the same in
-        every pass."""
-        if units == 0:
-            raise UsageError(
-                f"no label of the training set takes part in the loss (all are {IGNORE_INDEX},"
-                " the ignore index)"
-            )
-        self.n_units = units
-        return units
+    def _mean(self, sums: torch.Tensor, units: int) -> torch.Tensor:
+        """A pass's sums over all ranks divided by the labelled units (samples, or tokens).
+        The units are the same in every pass: counted on the first (``units``, this rank's),
+        then known."""
+        sums, units = parallel.reduce(sums, units)
+        if self.n_units is None:
+            self.n_units = require_units(units)
+        return sums / self.n_units
 
     def _chunk_loss(self, theta: torch.Tensor, x: Inputs, y: torch.Tensor) -> torch.Tensor:
         """The *sum* of the per-unit losses of a chunk at ``theta``."""

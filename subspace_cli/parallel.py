@@ -2,15 +2,16 @@
 
 Every quantity averaged over the training set (loss, accuracy, gradient, Hessian-vector
 products) is accumulated as a sum over the labelled units of local chunks and divided by their
-count in :func:`reduce` and :func:`mean`, once.
+count once, after :func:`reduce`.
 
 Launched by ``torchrun`` (``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in the environment),
 :func:`init` joins the process group (gloo for CPU tensors, NCCL for CUDA
 tensors on ``cuda:LOCAL_RANK``). Each rank then walks its own contiguous shard of the samples
-(:func:`shard`), and :func:`mean` all-reduces the sums and the counts before dividing, so the
-mean is weighted by samples (or tokens), however unequal the shards. Everything else is
-replicated: every rank runs the same eigensolver and optimizer on the same reduced numbers from
-the same seeds, rank 0 makes the one timed choice (the HVP method) and broadcasts it, and
+(:func:`shard`), and :func:`reduce` all-reduces the sums and the counts before they are
+divided, so the mean is weighted by samples (or tokens), however unequal the shards.
+Everything else is replicated: every rank runs the same eigensolver and optimizer on the same
+reduced numbers from the same seeds, rank 0 makes the one timed choice (the HVP method) and
+broadcasts it, and
 :func:`agree` checks that the ranks hold the same result. Only rank 0 prints and writes.
 
 A collective that fails because another rank died or was stopped raises :class:`PeerError`
@@ -201,15 +202,6 @@ def reduce(sums: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
         dist.all_reduce(sums)
         dist.all_reduce(counts)
     return sums, int(counts.item())
-
-
-def mean(sums: torch.Tensor, count: int, *, empty: str = "nothing to average") -> torch.Tensor:
-    """Sums over ``count`` units turned into means over all ranks' units (weighted by units,
-    however unequal the shards); ``empty`` is the error when no rank has any unit."""
-    sums, count = reduce(sums, count)
-    if count == 0:
-        raise UsageError(empty)
-    return sums / count
 
 
 def total(count: int) -> int:

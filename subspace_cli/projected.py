@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Any
 
 from subspace_cli import parallel
 from subspace_cli.data import (
-    IGNORE_INDEX,
     TrainingData,
     iter_chunks,
     model_arguments,
     output_tensor,
+    require_units,
     unit_count,
 )
 from subspace_cli.errors import NumericalError, UsageError
@@ -301,8 +301,7 @@ def loss_and_gradient(
         total, count = parallel.reduce(total, count)
         stats, _ = parallel.reduce(stats, 0)
         loss_total, correct = float(stats[0]), int(stats[1])
-    if count == 0:
-        raise UsageError(f"no label of the batch takes part in the loss (all are {IGNORE_INDEX})")
+    require_units(count, "the batch")
     return loss_total / count, total / count, correct / count
 
 
@@ -536,7 +535,7 @@ class ProjectedTraining:
     def _operator(self, method: str) -> Any:
         """The full-data Hessian operator at the current θ (the model is not written to)."""
         from subspace_cli.settings import SpectrumSettings
-        from subspace_cli.spectrum import hessian_operator
+        from subspace_cli.spectrum import curvature_operator
 
         if self._base_operator is None or self._base_method != method:
             c = self.config
@@ -547,7 +546,7 @@ class ProjectedTraining:
                 allow_dropout=c.allow_dropout, curvature=c.curvature,
                 batch_size=c.batch_size if c.curvature == "gradient-covariance" else None,
             )
-            self._base_operator = hessian_operator(self.experiment, settings, self.theta)
+            self._base_operator = curvature_operator(self.experiment, settings, self.theta)
             self._base_method = method
             return self._base_operator
         return self._base_operator.at(self.theta)

@@ -48,7 +48,7 @@ class SpectrumRun:
     n_chunks: int = 0
 
 
-def hessian_operator(experiment: Experiment, settings: SpectrumSettings,
+def curvature_operator(experiment: Experiment, settings: SpectrumSettings,
                      parameters: torch.Tensor | None = None) -> ChunkedOperator:
     """The full-training-set curvature operator of an experiment under ``settings`` (the
     Hessian, or the ``--curvature`` chosen), at ``parameters`` (a flat θ; default the
@@ -108,7 +108,7 @@ def compute_spectrum(
 
     assert experiment.data is not None
     k = settings.k if settings.k is not None else experiment.data.num_classes
-    op = hessian_operator(experiment, settings)
+    op = curvature_operator(experiment, settings)
     if k + settings.extra > op.n_params:
         raise UsageError(
             f"k + extra = {k + settings.extra} exceeds the {op.n_params} selected parameters"

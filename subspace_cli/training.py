@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from subspace_cli.data import IGNORE_INDEX, TrainingData, iter_chunks, run_model, unit_count
+from subspace_cli.data import TrainingData, iter_chunks, require_units, run_model, unit_count
 from subspace_cli.errors import InputError
 from subspace_cli.losses import correct_count, loss_sum
 
@@ -57,9 +57,7 @@ def evaluate(
                 count += unit_count(y)
     finally:
         model.train(was_training)
-    if count == 0:
-        raise InputError("no label of the training set takes part in the loss (all are "
-                         f"{IGNORE_INDEX}, the ignore index)")
+    require_units(count)
     return Evaluation(total / count, correct / count, count)
 
 

@@ -132,13 +132,13 @@ def test_batchnorm_hessian_matches_dense_float64_in_both_modes(tmp_path, fake_pl
                                                                train, chunk):
     from subspace_cli.checkpoint import SpecOverrides
     from subspace_cli.settings import SpectrumSettings
-    from subspace_cli.spectrum import hessian_operator
+    from subspace_cli.spectrum import curvature_operator
 
     ckpt = tmp_path / "bn.safetensors"
     bn_checkpoint(ckpt)
     experiment = load_experiment(ckpt, SpecOverrides())
     before = {k: v.clone() for k, v in experiment.model.state_dict().items()}
-    op = hessian_operator(experiment, SpectrumSettings(
+    op = curvature_operator(experiment, SpectrumSettings(
         dtype="float64", device="cpu", chunk_size=chunk, train_mode=train, hvp_method="reverse"))
     got = op.matmat(torch.eye(op.n_params, dtype=torch.float64))
     want = _dense_hessian(experiment.model, experiment.data, train, chunk)
@@ -155,7 +155,7 @@ def test_spectrum_and_align_leave_every_buffer_as_it_was(tmp_path, fake_plugin, 
     from subspace_cli import alignment
     from subspace_cli.checkpoint import SpecOverrides
     from subspace_cli.settings import SpectrumSettings
-    from subspace_cli.spectrum import compute_spectrum, hessian_operator
+    from subspace_cli.spectrum import compute_spectrum, curvature_operator
 
     ckpt = tmp_path / "bn.safetensors"
     bn_checkpoint(ckpt)
@@ -166,7 +166,7 @@ def test_spectrum_and_align_leave_every_buffer_as_it_was(tmp_path, fake_plugin, 
     settings = SpectrumSettings(k=2, dtype="float64", device="cpu", chunk_size=5,
                                 train_mode=train_mode, hvp_method="reverse")
     run = compute_spectrum(experiment, settings)
-    alignment.measure(hessian_operator(experiment, settings), run.result.eigenvectors, 2,
+    alignment.measure(curvature_operator(experiment, settings), run.result.eigenvectors, 2,
                       batch_sizes=[4], batches=3, seed=0)
     _assert_identical(before, model.state_dict(), "buffers after spectrum and align")
     assert [m.training for m in model.modules()] == flags

@@ -33,7 +33,7 @@ class DensityAnalysis(CheckpointSequence):
         from subspace_cli import store
         from subspace_cli.density import spectral_density
         from subspace_cli.errors import UsageError
-        from subspace_cli.spectrum import curvature_batch_size, hessian_operator
+        from subspace_cli.spectrum import curvature_batch_size, curvature_operator
 
         if self.output:  # checked before anything is computed
             if not Path(self.output).exists() or not store.has_group(self.output, path):
@@ -54,7 +54,7 @@ class DensityAnalysis(CheckpointSequence):
                 raise UsageError(f"{self.output} already holds a density of {path}; pass "
                                  "--overwrite to replace it")
         experiment = self.load(path)
-        op = hessian_operator(experiment, self.settings)
+        op = curvature_operator(experiment, self.settings)
         result = spectral_density(op, **self.options)
         s = self.settings
         record = {"checkpoint": str(path), "checkpoint_sha256": experiment.checkpoint.sha256(),
