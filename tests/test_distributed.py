@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -67,12 +66,10 @@ def _env(world):
 
 def _torchrun(world, *args, nproc=2):
     """``python -m torch.distributed.run --standalone --nproc-per-node 2 -m subspace_cli``."""
-    started = time.monotonic()
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
          str(nproc), "-m", "subspace_cli", *args],
         capture_output=True, text=True, env=_env(world), timeout=TIMEOUT, cwd=world["root"])
-    return result, time.monotonic() - started
 
 
 def _spawn(world, *args, nproc=2):
@@ -100,7 +97,7 @@ SOLVE = ["-k", "3", "--dtype", "float64", "--chunk-size", "2", "--hvp-method", "
 
 def test_spectrum_and_align_match_one_process(world, tmp_path):
     ckpt = str(world["ckpt"])
-    two, _ = _torchrun(world, "spectrum", ckpt, *SOLVE, "--json", "-o", str(tmp_path / "2.h5"))
+    two = _torchrun(world, "spectrum", ckpt, *SOLVE, "--json", "-o", str(tmp_path / "2.h5"))
     assert two.returncode == 0, two.stderr
     [record] = json.loads(two.stdout)  # exactly one JSON document: rank 1 prints nothing
     one = run_cli("spectrum", ckpt, *SOLVE, "--json", "-o", str(tmp_path / "1.h5"))
@@ -152,16 +149,16 @@ def test_bulk_training_matches_one_process_and_resumes_only_with_two(world, tmp_
 def test_a_rank_failing_on_its_shard_ends_both_and_writes_nothing(world, tmp_path):
     poisoned = _tokens(tmp_path / "poisoned.safetensors", poison_last=True)
     out = tmp_path / "s.h5"
-    result, seconds = _torchrun(world, "spectrum", str(world["ckpt"]), *SOLVE, "--data-config",
-                                json.dumps({"path": poisoned, "num_classes": VOCAB}),
-                                "-o", str(out))
-    assert result.returncode != 0 and seconds < TIMEOUT
+    # Started without torchrun, no launcher kills the survivor: rank 0 must end by itself
+    # (a hang fails the test at TIMEOUT).
+    result = _spawn(world, "spectrum", str(world["ckpt"]), *SOLVE, "--data-config",
+                    json.dumps({"path": poisoned, "num_classes": VOCAB}), "-o", str(out))
+    assert result.returncode != 0
     assert "rank 1: " in result.stderr and "token 11 is poisoned" in result.stderr
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
     run = tmp_path / "run"
     result = _spawn(world, "project-train", str(world["ckpt"]), "--data-config",
-                          json.dumps({"path": poisoned, "num_classes": VOCAB}), "--mode",
-                          "bulk", "-k", "2", "--steps", "3", "--batch-size", "13", "--out",
-                          str(run))
+                    json.dumps({"path": poisoned, "num_classes": VOCAB}), "--mode", "bulk",
+                    "-k", "2", "--steps", "3", "--batch-size", "13", "--out", str(run))
     assert result.returncode != 0
     assert not run.exists()  # nothing to resume: no half-made run is left
