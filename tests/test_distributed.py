@@ -86,7 +86,13 @@ def _spawn(world, *args, nproc=2):
         env={**_env(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
              "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc)})
         for rank in range(nproc)]
-    outputs = [proc.communicate(timeout=TIMEOUT) for proc in procs]
+    try:
+        outputs = [proc.communicate(timeout=TIMEOUT) for proc in procs]
+    except subprocess.TimeoutExpired:
+        for proc in procs:  # a hang fails the test and leaves no rank behind
+            proc.kill()
+            proc.communicate()
+        raise
     assert [out for out, _ in outputs[1:]] == [""] * (nproc - 1)  # other ranks print nothing
     return subprocess.CompletedProcess(args, max(abs(p.returncode) for p in procs),
                                        outputs[0][0], "".join(err for _, err in outputs))
@@ -149,7 +155,7 @@ def test_bulk_training_matches_one_process_and_resumes_only_with_two(world, tmp_
 def test_a_rank_failing_on_its_shard_ends_both_and_writes_nothing(world, tmp_path):
     poisoned = _tokens(tmp_path / "poisoned.safetensors", poison_last=True)
     out = tmp_path / "s.h5"
-    # Started without torchrun, no launcher kills the survivor: rank 0 must end by itself
+    # Started without torchrun, so no launcher kills the survivor: rank 0 must end by itself
     # (a hang fails the test at TIMEOUT).
     result = _spawn(world, "spectrum", str(world["ckpt"]), *SOLVE, "--data-config",
                     json.dumps({"path": poisoned, "num_classes": VOCAB}), "-o", str(out))
