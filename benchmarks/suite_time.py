@@ -78,8 +78,6 @@ def collected_ids(clone: Path) -> list[str]:
 
 
 def clone(revision: str | None, where: Path) -> Path:
-    if where.exists():
-        shutil.rmtree(where)
     subprocess.run(["git", "clone", "-q", str(ROOT), str(where)], check=True)
     if revision is not None:
         subprocess.run(["git", "checkout", "-q", revision], cwd=where, check=True)

@@ -17,6 +17,7 @@ operator has one product. Fisher and gradient covariance need one label per samp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,6 +48,20 @@ class _JacobianProducts(ChunkedOperator):
             raise UsageError(f"--curvature {self.curvature} needs one label per sample; these "
                              "labels are per token (use hessian or ggn)")
 
+    def _pullbacks(self, f: Callable[[torch.Tensor], torch.Tensor], vectors: torch.Tensor,
+                   between: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                   ) -> torch.Tensor:
+        """Jᵀ between(f(θ), J v) for each row v of ``vectors``, J the Jacobian of ``f`` at θ:
+        one VJP graph for all rows, one JVP per row."""
+        with torch.enable_grad():
+            out, pullback = torch.func.vjp(f, self._theta)
+            rows = []
+            for v in vectors:
+                _, jv = torch.func.jvp(f, (self._theta,), (v,))
+                (row,) = pullback(between(out.detach(), jv))
+                rows.append(row)
+        return torch.stack(rows)
+
 
 class GGNOperator(_JacobianProducts):
     """The Gauss–Newton matrix of the mean training loss (see the module docstring)."""
@@ -59,14 +74,8 @@ class GGNOperator(_JacobianProducts):
         def output(theta: torch.Tensor) -> torch.Tensor:
             return self.functional(theta, x)
 
-        with torch.enable_grad():
-            out, pullback = torch.func.vjp(output, self._theta)
-            rows = []
-            for v in vectors:
-                _, jv = torch.func.jvp(output, (self._theta,), (v,))
-                (row,) = pullback(output_hessian_product(self.loss, out.detach(), y, jv))
-                rows.append(row)
-        return torch.stack(rows)
+        return self._pullbacks(  # Jᵀ H J v
+            output, vectors, lambda out, jv: output_hessian_product(self.loss, out, y, jv))
 
 
 class FisherOperator(_JacobianProducts):
@@ -86,14 +95,8 @@ class FisherOperator(_JacobianProducts):
         def losses(theta: torch.Tensor) -> torch.Tensor:
             return per_sample_loss(self.loss, self.functional(theta, x), y)
 
-        with torch.enable_grad():
-            _, pullback = torch.func.vjp(losses, self._theta)
-            rows = []
-            for v in vectors:
-                _, directional = torch.func.jvp(losses, (self._theta,), (v,))  # gₙᵀ v
-                (row,) = pullback(directional)  # Σₙ gₙ (gₙᵀ v)
-                rows.append(row)
-        return torch.stack(rows)
+        # the JVP gives gₙᵀ v for every sample n, the pullback Σₙ gₙ (gₙᵀ v)
+        return self._pullbacks(losses, vectors, lambda _, directional: directional)
 
 
 class GradientCovarianceOperator(FisherOperator):

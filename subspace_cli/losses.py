@@ -68,8 +68,7 @@ def output_hessian_product(name: str, output: torch.Tensor, y: torch.Tensor,
     ``output``), unit by unit: the identity for ``mse``, diag(p) − ppᵀ with p = softmax(f) for
     ``ce``; zero for a unit whose label is ignored. What the Gauss–Newton matrix puts between
     the Jacobians."""
-    if name not in LOSSES:
-        raise UsageError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
+    check_loss(name)
     kept = (y != IGNORE_INDEX).unsqueeze(-1).to(u.dtype)
     if name == "mse":
         return u * kept
@@ -81,8 +80,7 @@ def per_sample_loss(name: str, output: torch.Tensor, y: torch.Tensor) -> torch.T
     """Each sample's loss (the sum over its labelled units): a vector of the chunk's length."""
     import torch.nn.functional as F
 
-    if name not in LOSSES:
-        raise UsageError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
+    check_loss(name)
     y = y.long()
     if name == "ce":
         losses = F.cross_entropy(output.reshape(-1, output.shape[-1]), y.reshape(-1),
@@ -93,4 +91,3 @@ def per_sample_loss(name: str, output: torch.Tensor, y: torch.Tensor) -> torch.T
         losses = (0.5 * ((output - target.to(output.dtype)) ** 2).sum(-1)
                   * (~ignored).to(output.dtype)).reshape(-1)
     return losses.reshape(y.shape[0], -1).sum(dim=1)
-

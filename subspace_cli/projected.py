@@ -544,7 +544,7 @@ class ProjectedTraining:
                 hvp_method=method if method in HVP_METHODS else "auto",  # other curvatures
                 seed=c.seed, train_mode=c.train_mode,
                 allow_dropout=c.allow_dropout, curvature=c.curvature,
-                batch_size=c.batch_size if c.curvature == "gradient-covariance" else None,
+                batch_size=c.batch_size,  # used by the gradient covariance alone
             )
             self._base_operator = curvature_operator(self.experiment, settings, self.theta)
             self._base_method = method

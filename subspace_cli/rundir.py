@@ -153,8 +153,9 @@ def resume(run_dir: Path, steps: int | None, *, quiet: bool,
 def _refuse_if_used(run_dir: Path) -> None:
     """Refuse a directory that holds anything but a lock file."""
     from subspace_cli.errors import UsageError
+    from subspace_cli.writable import PROBE_PREFIX
 
-    if any(p.name != LOCK_NAME and not p.name.startswith(".subspace-probe.")  # check_writable
+    if any(p.name != LOCK_NAME and not p.name.startswith(PROBE_PREFIX)  # check_writable's
            for p in run_dir.iterdir()):
         raise UsageError(f"{run_dir} is not empty: choose a new --out, or --resume {run_dir}")
 

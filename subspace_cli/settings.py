@@ -78,7 +78,6 @@ class SpectrumSettings:
         return torch_dtype(self.dtype)
 
 
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` is CUDA when available, else CPU; an unavailable CUDA device is a usage error.
     In a data-parallel run ``auto`` and ``cuda`` mean this rank's ``cuda:LOCAL_RANK``."""

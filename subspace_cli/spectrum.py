@@ -49,7 +49,7 @@ class SpectrumRun:
 
 
 def curvature_operator(experiment: Experiment, settings: SpectrumSettings,
-                     parameters: torch.Tensor | None = None) -> ChunkedOperator:
+                       parameters: torch.Tensor | None = None) -> ChunkedOperator:
     """The full-training-set curvature operator of an experiment under ``settings`` (the
     Hessian, or the ``--curvature`` chosen), at ``parameters`` (a flat θ; default the
     model's own)."""
@@ -107,7 +107,7 @@ def compute_spectrum(
     from subspace_cli.eigensolver import arpack_eigenpairs, default_block_size, top_eigenpairs
 
     assert experiment.data is not None
-    k = settings.k if settings.k is not None else experiment.data.num_classes
+    k = top_k(settings, experiment)
     op = curvature_operator(experiment, settings)
     if k + settings.extra > op.n_params:
         raise UsageError(
@@ -153,6 +153,13 @@ def chunk_dependent(settings: SpectrumSettings, experiment: Experiment) -> bool:
     from subspace_cli.functional import mode_dependence
 
     return settings.train_mode and bool(mode_dependence(experiment.model).batch_statistics)
+
+
+def top_k(settings: SpectrumSettings, experiment: Experiment) -> int:
+    """How many top eigenpairs: ``settings.k``, by default the number of classes."""
+    if settings.k is not None:
+        return settings.k
+    return experiment.data.num_classes if experiment.data is not None else 1
 
 
 def curvature_batch_size(settings: SpectrumSettings) -> int | None:

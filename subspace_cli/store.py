@@ -217,6 +217,26 @@ def has_group(path: str | os.PathLike[str], checkpoint: str | os.PathLike[str],
 
 
 @spectra_reader
+def group_outline(
+    path: str | os.PathLike[str], checkpoint: str | os.PathLike[str]
+) -> tuple[dict[str, Any], tuple[str, ...]] | None:
+    """The attributes of a checkpoint's group and the names of the result subgroups it holds,
+    without reading its datasets; ``None`` when the file or the group is absent."""
+    import h5py
+
+    p = Path(path)
+    if not p.exists():
+        return None
+    key = checkpoint_key(checkpoint)
+    with _reading(p) as f:
+        if key not in f:
+            return None
+        group = _member(f, p, key)
+        return ({k: _decode(v) for k, v in group.attrs.items()},
+                tuple(name for name in group if isinstance(group[name], h5py.Group)))
+
+
+@spectra_reader
 def read_subgroup(
     path: str | os.PathLike[str], checkpoint: str | os.PathLike[str], name: str
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:

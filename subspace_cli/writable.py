@@ -16,6 +16,9 @@ from pathlib import Path
 
 from subspace_cli.errors import StorageError, UsageError, refusals_reported
 
+#: The name prefix of the file :func:`check_writable` creates and removes while probing.
+PROBE_PREFIX = ".subspace-probe."
+
 
 def _nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
@@ -38,7 +41,7 @@ def check_writable(path: str | os.PathLike[str], *, directory: bool = False) -> 
     if not directory and real.exists() and not os.access(real, os.W_OK):
         raise StorageError(f"cannot write {given}: the file is read-only (chmod u+w to allow it)")
     with refusals_reported(given, "write"):
-        fd, probe = tempfile.mkstemp(prefix=".subspace-probe.", suffix=".tmp", dir=holder)
+        fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, suffix=".tmp", dir=holder)
     os.close(fd)
     os.unlink(probe)
 

@@ -97,6 +97,8 @@ def test_density_command_matches_the_dense_hessian_and_is_stored(tmp_path, fake_
     out = str(tmp_path / "s.h5")
     missing = run_cli("density", str(ckpt), "-o", out)
     assert missing.exit_code == 2 and "run `subspace spectrum" in missing.stderr
+    unused = run_cli("density", str(ckpt), "--batch-size", "4")  # the Hessian has none
+    assert unused.exit_code == 2 and "the other curvatures take none" in unused.stderr
     assert run_cli("spectrum", str(ckpt), "-k", "2", "-o", out).exit_code == 0
     result = run_cli("density", str(ckpt), "--dtype", "float64", "--runs", "3",
                      "--lanczos-steps", "3", "--trace-probes", "60", "--seed", "4", "--json",

@@ -184,7 +184,7 @@ class AlignmentAnalysis(CheckpointSequence):
         from subspace_cli import store
         from subspace_cli.alignment import measure
         from subspace_cli.errors import UsageError
-        from subspace_cli.spectrum import curvature_operator
+        from subspace_cli.spectrum import curvature_operator, top_k
 
         if self.output and not self.overwrite and Path(self.output).exists() and (
             store.read_subgroup(self.output, path, self.subgroup) is not None
@@ -195,7 +195,7 @@ class AlignmentAnalysis(CheckpointSequence):
             )
         experiment = self.load(path)
         assert experiment.data is not None
-        k = self.settings.k if self.settings.k is not None else experiment.data.num_classes
+        k = top_k(self.settings, experiment)
         need = max([k, *self.k_sweep])
         op = curvature_operator(experiment, self.settings)
         vectors, source, eigenvalues = self._eigenspace(experiment, op, need)

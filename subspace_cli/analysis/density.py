@@ -35,22 +35,23 @@ class DensityAnalysis(CheckpointSequence):
         from subspace_cli.errors import UsageError
         from subspace_cli.spectrum import curvature_batch_size, curvature_operator
 
-        if self.output:  # checked before anything is computed
-            if not Path(self.output).exists() or not store.has_group(self.output, path):
+        if self.output:  # checked before anything is computed, from one read of attributes
+            outline = store.group_outline(self.output, path)
+            if outline is None:
                 raise UsageError(
                     f"{self.output} holds no spectrum of {path}: the density is stored beside "
                     f"the top-k eigenpairs, so run `subspace spectrum {path} -o {self.output}` "
                     "first"
                 )
-            stored = store.read_spectrum(self.output, path)
-            curvature = str(stored.attrs.get("curvature", "hessian")) if stored else "hessian"
+            attrs, subgroups = outline
+            curvature = str(attrs.get("curvature", "hessian"))
             if curvature != self.settings.curvature:
                 raise UsageError(
                     f"{self.output}: the spectrum of {path} is of the {curvature}, this density "
                     f"of the {self.settings.curvature}: they would be stored (and plotted) "
                     "together; pass the same --curvature, or another -o"
                 )
-            if not self.overwrite and store.read_subgroup(self.output, path, SUBGROUP):
+            if not self.overwrite and SUBGROUP in subgroups:
                 raise UsageError(f"{self.output} already holds a density of {path}; pass "
                                  "--overwrite to replace it")
         experiment = self.load(path)

@@ -45,6 +45,8 @@ class SpectrumAnalysis(CheckpointSequence):
         self.methods: dict[str, str] = {}
 
     def run(self, path: Path) -> dict[str, Any]:
+        from subspace_cli.spectrum import top_k
+
         if not self.per_module and not self.groups:
             self._refuse_existing(path, None)
             return self._solve(path, self.load(path), self.settings, None)
@@ -54,7 +56,7 @@ class SpectrumAnalysis(CheckpointSequence):
             self._refuse_existing(path, name)
         records = []
         sizes = dict(experiment.model.named_parameters())
-        want = self.settings.k or (experiment.data.num_classes if experiment.data else 1)
+        want = top_k(self.settings, experiment)
         for name, names in blocks:
             n = sum(sizes[p].numel() for p in names)
             k = min(want, n)  # a small block (a bias, a LayerNorm) has fewer pairs
@@ -75,17 +77,18 @@ class SpectrumAnalysis(CheckpointSequence):
                block: str | None) -> dict[str, Any]:
         from subspace_cli import store
         from subspace_cli.eigensolver import subspace_overlap
+        from subspace_cli.functional import select_parameters
         from subspace_cli.output import say
-        from subspace_cli.spectrum import compute_spectrum, summary, to_stored
+        from subspace_cli.spectrum import compute_spectrum, summary, to_stored, top_k
 
+        layout = select_parameters(experiment.model, settings.include, settings.exclude)
         if self.output:  # the group's eigenvectors must fit: checked before the solve
             from subspace_cli.writable import check_space
 
-            k = settings.k or (experiment.data.num_classes if experiment.data else 1)
-            n = sum(p.numel() for p in experiment.model.parameters())
-            check_space(self.output, k * n * (8 if settings.dtype == "float64" else 4),
+            vector_bytes = layout.n_params * (8 if settings.dtype == "float64" else 4)
+            check_space(self.output, top_k(settings, experiment) * vector_bytes,
                         why=f"; {path} was not solved")
-        init, warm = self._warm_start(experiment, settings)
+        init, warm = self._warm_start(experiment, layout.names)
         label = path.name + (f" {block}" if block else "")
         with self.progress(label, settings.max_hvps) as bar:
 
@@ -131,13 +134,12 @@ class SpectrumAnalysis(CheckpointSequence):
             )
         return record
 
-    def _warm_start(self, experiment: Experiment, settings: SpectrumSettings
+    def _warm_start(self, experiment: Experiment, names: tuple[str, ...]
                     ) -> tuple[Any, str | None]:
-        """Start vectors: the previous checkpoint's eigenvectors, else --init-from's."""
+        """Start vectors over the parameters ``names``: the previous checkpoint's
+        eigenvectors, else --init-from's."""
         from subspace_cli import store
-        from subspace_cli.functional import select_parameters
 
-        names = select_parameters(experiment.model, settings.include, settings.exclude).names
         previous = self.warm_start_for(names)
         if previous is not None:
             return previous.vectors, previous.source

@@ -16,7 +16,7 @@ from subspace_cli.commands.common import (
     plugin_options,
     run_each,
 )
-from subspace_cli.commands.spectrum import operator_options, settings_from
+from subspace_cli.commands.spectrum import check_batch_size, operator_options, settings_from
 
 
 @click.command(
@@ -64,6 +64,7 @@ def density_command(ctx: click.Context, checkpoints: tuple[str, ...], runs: int,
     estimate with its standard error. --json gives grid, density, width,
     nodes, weights, trace and trace_stderr.
     """
+    check_batch_size(params, batch_size)
     settings = settings_from(params, batch_size=batch_size)
     overrides = overrides_from(model, model_config, data, data_config, loss)
     from subspace_cli.analysis.density import DensityAnalysis

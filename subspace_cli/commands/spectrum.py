@@ -180,13 +180,15 @@ def operator_options(f: Any) -> Any:
     return _apply(f, _OPERATOR_OPTIONS)
 
 
+#: The settings of ``_SOLVER_OPTIONS``; absent under ``operator_options`` (the defaults hold).
+_SOLVER_SETTINGS = ("k", "extra", "tol", "max_hvps", "solver", "block_size", "basis_memory")
+
+
 def settings_from(params: dict[str, Any], batch_size: int | None = None) -> Any:
     """The settings of the options; ``batch_size`` is the gradient covariance's."""
     from subspace_cli.settings import SpectrumSettings
 
-    solver = {"k": None, "extra": 0, "tol": None, "max_hvps": None, "solver": "lanczos",
-              "block_size": None, "basis_memory": None}  # absent under operator_options
-    solver.update({key: params[key] for key in solver if key in params})
+    solver = {key: params[key] for key in _SOLVER_SETTINGS if key in params}
     return SpectrumSettings(
         curvature=params["curvature"],
         batch_size=batch_size,
@@ -295,9 +297,7 @@ def spectrum_command(
 
     if as_json and jsonl:
         raise UsageError("--json and --jsonl are alternatives: pick one")
-    if batch_size is not None and params["curvature"] != "gradient-covariance":
-        raise UsageError("--batch-size is the mini-batch size of --curvature "
-                         "gradient-covariance; the other curvatures take none")
+    check_batch_size(params, batch_size)
     if per_module and groups:
         raise UsageError("--per-module and --group are alternatives: pick one")
     if (per_module or groups) and (params["include"] or params["exclude"]):
@@ -318,6 +318,15 @@ def spectrum_command(
         groups=parse_groups(groups),
     )
     run_each(ctx, checkpoints, analysis.run, render, as_json=as_json, jsonl=jsonl)
+
+
+def check_batch_size(params: dict[str, Any], batch_size: int | None) -> None:
+    """Refuse ``--batch-size`` for a curvature that has no mini-batch size."""
+    from subspace_cli.errors import UsageError
+
+    if batch_size is not None and params["curvature"] != "gradient-covariance":
+        raise UsageError("--batch-size is the mini-batch size of --curvature "
+                         "gradient-covariance; the other curvatures take none")
 
 
 def parse_groups(values: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]] | None:
